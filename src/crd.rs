@@ -1,0 +1,231 @@
+//! The `ElectionGroup` API (`podium.dev/v1alpha1`). These Rust types are the single source of
+//! truth for the CRD: `podium crd` prints it and `crds/electiongroup.yaml` is generated from it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// API group of every podium resource and the prefix of podium's labels and annotations.
+pub const GROUP: &str = "podium.dev";
+/// Label that podium writes on every member: `leader` or `follower`.
+pub const ROLE_LABEL: &str = "podium.dev/role";
+pub const ROLE_LEADER: &str = "leader";
+pub const ROLE_FOLLOWER: &str = "follower";
+/// Annotation on the leader pod carrying the fencing epoch (the Lease's `leaseTransitions`).
+pub const EPOCH_ANNOTATION: &str = "podium.dev/epoch";
+/// Annotation on every member naming the group that manages its role label.
+pub const GROUP_ANNOTATION: &str = "podium.dev/group";
+/// Annotation a user may set on a pod to rank it higher in elections (an integer).
+pub const PRIORITY_ANNOTATION: &str = "podium.dev/priority";
+/// Finalizer that removes podium's labels from the members before a group goes away.
+pub const FINALIZER: &str = "podium.dev/cleanup";
+/// Label put on Leases podium created, so humans and tools can tell them apart.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "podium";
+
+pub const DEFAULT_LEASE_DURATION_SECONDS: i32 = 15;
+pub const MIN_LEASE_DURATION_SECONDS: i32 = 2;
+pub const MAX_LEASE_DURATION_SECONDS: i32 = 3600;
+pub const MAX_MIN_READY_SECONDS: i32 = 3600;
+/// Longest Kubernetes object name (a DNS subdomain).
+pub const MAX_NAME_LENGTH: usize = 253;
+
+/// Elects one leader among the pods that `selector` matches and labels it
+/// `podium.dev/role=leader`; the others get `podium.dev/role=follower`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "podium.dev",
+    version = "v1alpha1",
+    kind = "ElectionGroup",
+    plural = "electiongroups",
+    singular = "electiongroup",
+    shortname = "eg",
+    category = "podium",
+    namespaced,
+    status = "ElectionGroupStatus",
+    printcolumn = r#"{"name":"Leader","type":"string","jsonPath":".status.leader","description":"Pod that holds the Lease and carries podium.dev/role=leader"}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch","description":"Fencing epoch: the Lease's leaseTransitions"}"#,
+    printcolumn = r#"{"name":"Eligible","type":"string","jsonPath":".status.eligible","description":"Eligible members / members"}"#,
+    printcolumn = r#"{"name":"TTL","type":"integer","jsonPath":".spec.leaseDurationSeconds","description":"Lease duration in seconds; renewed at half of it"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ElectionGroupSpec {
+    /// Pods in this namespace that take part in the election. Required and non-empty (an empty
+    /// selector would match every pod in the namespace); must not use the key `podium.dev/role`,
+    /// which podium itself writes.
+    #[schemars(schema_with = "selector_schema")]
+    pub selector: LabelSelector,
+
+    /// Time-to-live of the leader's Lease in seconds. The operator renews it every half TTL.
+    #[serde(default = "default_lease_duration_seconds")]
+    #[schemars(range(min = 2, max = 3600))]
+    pub lease_duration_seconds: i32,
+
+    /// A pod must have been Ready at least this many seconds before it can be elected.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub min_ready_seconds: i32,
+
+    /// Keep renewing the current holder, but elect nobody new and change no labels.
+    #[serde(default)]
+    pub paused: bool,
+
+    /// Name of a pod that should lead whenever it is eligible (a switchover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub preferred_leader: Option<String>,
+}
+
+fn default_lease_duration_seconds() -> i32 {
+    DEFAULT_LEASE_DURATION_SECONDS
+}
+
+/// What the operator observed and decided, written with server-side apply.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ElectionGroupStatus {
+    /// Name of the leader pod; absent when nobody leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub leader: Option<String>,
+    /// UID of the leader pod, so a pod recreated under the same name is not mistaken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[serde(rename = "leaderUID")]
+    pub leader_uid: Option<String>,
+    /// Fencing epoch: equals the Lease's `leaseTransitions` and never decreases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub epoch: Option<i32>,
+    /// When the current leader acquired the Lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_since: Option<Time>,
+    /// Number of pods the selector matches.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub members: i32,
+    /// Number of members that may be elected right now.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub eligible_members: i32,
+    /// `eligibleMembers/members`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub eligible: Option<String>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A LabelSelector schema with the bounds Kubernetes enforces on label keys and values, plus
+/// the two rules that make a selector usable for an election: it selects something, and it does
+/// not select on the label podium writes. `minProperties`/`minItems`/`not` work on every
+/// apiserver; the CEL rules give newer ones a clearer message.
+fn selector_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "description": "Pods in this namespace that take part in the election. Required and non-empty; must not use the key podium.dev/role.",
+        "type": "object",
+        "minProperties": 1,
+        "properties": {
+            "matchLabels": {
+                "description": "Labels a member must carry. Must not contain podium.dev/role.",
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": 64,
+                "additionalProperties": { "type": "string", "maxLength": 63 },
+                "not": { "required": [ROLE_LABEL] }
+            },
+            "matchExpressions": {
+                "description": "Label requirements a member must meet. Must not use the key podium.dev/role.",
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 32,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 317,
+                            "not": { "enum": [ROLE_LABEL] }
+                        },
+                        "operator": { "type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"] },
+                        "values": {
+                            "type": "array",
+                            "maxItems": 64,
+                            "items": { "type": "string", "maxLength": 63 }
+                        }
+                    }
+                }
+            }
+        },
+        "x-kubernetes-validations": [
+            {
+                "rule": "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)",
+                "message": "selector must not be empty: an empty selector would match every pod in the namespace"
+            },
+            {
+                "rule": "(!has(self.matchLabels) || !('podium.dev/role' in self.matchLabels)) && (!has(self.matchExpressions) || self.matchExpressions.all(e, e.key != 'podium.dev/role'))",
+                "message": "selector must not use the key podium.dev/role: podium writes that label itself"
+            }
+        ]
+    })
+}
+
+fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let item = generator.subschema_for::<Condition>();
+    json_schema!({
+        "description": "Latest observations of the group's state, one per type.",
+        "type": "array",
+        "maxItems": 16,
+        "items": item,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"]
+    })
+}
+
+/// Condition types, reasons and statuses, kept in one place so that status, events, metrics and
+/// tests agree on the spelling.
+pub mod conditions {
+    pub const LEADER_ELECTED: &str = "LeaderElected";
+    pub const NO_ELIGIBLE_MEMBERS: &str = "NoEligibleMembers";
+    pub const CONFLICT: &str = "Conflict";
+    pub const PAUSED: &str = "Paused";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const DEGRADED: &str = "Degraded";
+
+    pub const TRUE: &str = "True";
+    pub const FALSE: &str = "False";
+
+    pub mod reasons {
+        pub const ELECTED: &str = "Elected";
+        pub const NO_LEADER: &str = "NoLeader";
+        pub const NO_ELIGIBLE: &str = "NoEligiblePods";
+        pub const SOME_ELIGIBLE: &str = "EligiblePodsFound";
+        pub const LEASE_NOT_OWNED: &str = "LeaseNotOwned";
+        pub const OVERLAPPING_GROUP: &str = "OverlappingGroup";
+        pub const NO_CONFLICT: &str = "NoConflict";
+        pub const PAUSED: &str = "Paused";
+        pub const ACTIVE: &str = "Active";
+        pub const INVALID: &str = "Invalid";
+        pub const VALID: &str = "Valid";
+        pub const API_ERROR: &str = "ApiError";
+        pub const HEALTHY: &str = "Healthy";
+    }
+}
+
+/// The CRD as YAML, exactly as `podium crd` prints it and `crds/electiongroup.yaml` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = ElectionGroup::crd();
+    format!(
+        "# Generated by `podium crd` from src/crd.rs. Do not edit by hand.\n{}",
+        serde_yaml::to_string(&crd).expect("a CRD always serialises to YAML")
+    )
+}
