@@ -44,6 +44,7 @@ pub const MAX_NAME_LENGTH: usize = 253;
     category = "podium",
     namespaced,
     status = "ElectionGroupStatus",
+    doc = "An ElectionGroup elects one leader among the pods its selector matches, records it in a Lease of the same name, and labels it podium.dev/role=leader.",
     printcolumn = r#"{"name":"Leader","type":"string","jsonPath":".status.leader","description":"Pod that holds the Lease and carries podium.dev/role=leader"}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch","description":"Fencing epoch: the Lease's leaseTransitions"}"#,
     printcolumn = r#"{"name":"Eligible","type":"string","jsonPath":".status.eligible","description":"Eligible members / members"}"#,
@@ -178,13 +179,24 @@ fn selector_schema(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
-fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
-    let item = generator.subschema_for::<Condition>();
+/// The standard metav1.Condition shape, with the bounds upstream puts on it.
+fn conditions_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "description": "Latest observations of the group's state, one per type.",
         "type": "array",
         "maxItems": 16,
-        "items": item,
+        "items": {
+            "type": "object",
+            "required": ["type", "status", "lastTransitionTime", "reason", "message"],
+            "properties": {
+                "type": { "type": "string", "maxLength": 316 },
+                "status": { "type": "string", "enum": ["True", "False", "Unknown"] },
+                "observedGeneration": { "type": "integer", "format": "int64", "minimum": 0 },
+                "lastTransitionTime": { "type": "string", "format": "date-time" },
+                "reason": { "type": "string", "maxLength": 1024, "minLength": 1 },
+                "message": { "type": "string", "maxLength": 32768 }
+            }
+        },
         "x-kubernetes-list-type": "map",
         "x-kubernetes-list-map-keys": ["type"]
     })

@@ -6,3 +6,6 @@
 //!   and a simulated kubelet, shared by the tests, the demo and the benchmarks.
 pub mod crd;
 pub mod testbed;
+pub mod election;
+pub mod selector;
+pub mod validate;

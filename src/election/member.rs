@@ -1,0 +1,214 @@
+//! Turns a Pod (and its Node, where readable) into the facts the election needs.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, Pod};
+
+use crate::crd::{EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION, ROLE_LABEL};
+
+/// Why a member may or may not be elected right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Eligibility {
+    Eligible,
+    Terminating,
+    NotRunning,
+    NotReady,
+    /// Ready, but for less than `minReadySeconds`; eligible after `remaining`.
+    ReadyTooShort { remaining: Duration },
+    NodeNotReady,
+}
+
+impl Eligibility {
+    pub fn is_eligible(&self) -> bool {
+        matches!(self, Eligibility::Eligible)
+    }
+
+    /// Short reason, used in the LeaderLost event and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Eligibility::Eligible => "Eligible",
+            Eligibility::Terminating => "PodTerminating",
+            Eligibility::NotRunning => "PodNotRunning",
+            Eligibility::NotReady => "PodNotReady",
+            Eligibility::ReadyTooShort { .. } => "ReadyTooShort",
+            Eligibility::NodeNotReady => "NodeNotReady",
+        }
+    }
+}
+
+/// One pod as the election sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub uid: String,
+    pub resource_version: String,
+    pub eligibility: Eligibility,
+    /// When the pod last became Ready; earlier ranks higher.
+    pub ready_since: Option<Timestamp>,
+    /// `podium.dev/priority`, higher ranks higher. `None` when absent.
+    pub priority: Option<i64>,
+    /// The annotation's raw text when it is not an integer, so the user can be told.
+    pub invalid_priority: Option<String>,
+    /// The `podium.dev/role` label as it is now.
+    pub role: Option<String>,
+    /// The `podium.dev/epoch` annotation as it is now.
+    pub epoch: Option<String>,
+    /// The `podium.dev/group` annotation as it is now.
+    pub group: Option<String>,
+}
+
+/// `node_ready` is `None` when the node is unknown or cannot be read; only a node that is
+/// known to be NotReady makes its pods ineligible.
+pub fn member_from_pod(
+    pod: &Pod,
+    node_ready: Option<bool>,
+    min_ready: Duration,
+    now: Timestamp,
+) -> Member {
+    let meta = &pod.metadata;
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    let is_ready = ready.is_some_and(|c| c.status == "True");
+    let ready_since = ready.filter(|_| is_ready).and_then(|c| c.last_transition_time.as_ref()).map(|t| t.0);
+    let phase_running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+
+    let eligibility = if meta.deletion_timestamp.is_some() {
+        Eligibility::Terminating
+    } else if !phase_running {
+        Eligibility::NotRunning
+    } else if !is_ready {
+        Eligibility::NotReady
+    } else if node_ready == Some(false) {
+        Eligibility::NodeNotReady
+    } else {
+        ready_too_short(ready_since, min_ready, now)
+    };
+
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let raw_priority = annotation(PRIORITY_ANNOTATION);
+    let parsed_priority = raw_priority.as_deref().map(|p| p.trim().parse::<i64>());
+    Member {
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
+        eligibility,
+        ready_since,
+        priority: parsed_priority.clone().and_then(Result::ok),
+        invalid_priority: match parsed_priority {
+            Some(Err(_)) => raw_priority,
+            _ => None,
+        },
+        role: meta.labels.as_ref().and_then(|l| l.get(ROLE_LABEL)).cloned(),
+        epoch: annotation(EPOCH_ANNOTATION),
+        group: annotation(GROUP_ANNOTATION),
+    }
+}
+
+fn ready_too_short(ready_since: Option<Timestamp>, min_ready: Duration, now: Timestamp) -> Eligibility {
+    if min_ready.is_zero() {
+        return Eligibility::Eligible;
+    }
+    // A Ready condition without a transition time cannot prove how long it has been Ready.
+    let Some(since) = ready_since else {
+        return Eligibility::ReadyTooShort { remaining: min_ready };
+    };
+    let ready_for = Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO);
+    if ready_for >= min_ready {
+        Eligibility::Eligible
+    } else {
+        Eligibility::ReadyTooShort { remaining: min_ready - ready_for }
+    }
+}
+
+/// Whether a Node is Ready: `None` when it reports no Ready condition at all.
+pub fn node_ready(node: &Node) -> Option<bool> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn pod(phase: &str, ready: Option<(&str, Timestamp)>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some("u".into()),
+                resource_version: Some("7".into()),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                conditions: ready.map(|(status, at)| {
+                    vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: status.into(),
+                        last_transition_time: Some(Time(at)),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn running_ready_pod_is_eligible() {
+        let m = member_from_pod(&pod("Running", Some(("True", at(0)))), None, Duration::ZERO, at(1));
+        assert_eq!(m.eligibility, Eligibility::Eligible);
+        assert_eq!(m.ready_since, Some(at(0)));
+    }
+
+    #[test]
+    fn each_disqualifier_is_reported() {
+        let now = at(100);
+        assert_eq!(member_from_pod(&pod("Pending", None), None, Duration::ZERO, now).eligibility, Eligibility::NotRunning);
+        assert_eq!(
+            member_from_pod(&pod("Running", Some(("False", at(0)))), None, Duration::ZERO, now).eligibility,
+            Eligibility::NotReady
+        );
+        assert_eq!(member_from_pod(&pod("Running", None), None, Duration::ZERO, now).eligibility, Eligibility::NotReady);
+        assert_eq!(
+            member_from_pod(&pod("Running", Some(("True", at(0)))), Some(false), Duration::ZERO, now).eligibility,
+            Eligibility::NodeNotReady
+        );
+        let mut terminating = pod("Running", Some(("True", at(0))));
+        terminating.metadata.deletion_timestamp = Some(Time(at(50)));
+        assert_eq!(member_from_pod(&terminating, Some(true), Duration::ZERO, now).eligibility, Eligibility::Terminating);
+    }
+
+    #[test]
+    fn min_ready_seconds_delays_eligibility() {
+        let p = pod("Running", Some(("True", at(0))));
+        assert_eq!(
+            member_from_pod(&p, None, Duration::from_secs(10), at(4)).eligibility,
+            Eligibility::ReadyTooShort { remaining: Duration::from_secs(6) }
+        );
+        assert_eq!(member_from_pod(&p, None, Duration::from_secs(10), at(10)).eligibility, Eligibility::Eligible);
+    }
+
+    #[test]
+    fn priority_annotation_parses_or_is_reported() {
+        let mut p = pod("Running", Some(("True", at(0))));
+        p.metadata.annotations = Some([(PRIORITY_ANNOTATION.to_string(), " 42 ".to_string())].into());
+        let m = member_from_pod(&p, None, Duration::ZERO, at(1));
+        assert_eq!((m.priority, m.invalid_priority), (Some(42), None));
+        p.metadata.annotations = Some([(PRIORITY_ANNOTATION.to_string(), "high".to_string())].into());
+        let m = member_from_pod(&p, None, Duration::ZERO, at(1));
+        assert_eq!((m.priority, m.invalid_priority.as_deref()), (None, Some("high")));
+    }
+}

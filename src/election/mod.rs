@@ -1,0 +1,391 @@
+//! The election core: pure functions from what was observed (group spec, member pods, Lease)
+//! to what should be written (Lease, labels, status). No I/O happens here, so every rule of the
+//! protocol is tested without an API server; `reconcile` only reads, calls [`decide`], and
+//! applies the [`Decision`] in order.
+
+pub mod member;
+pub mod status;
+
+use std::cmp::Reverse;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::crd::{ElectionGroupSpec, ROLE_FOLLOWER, ROLE_LEADER};
+pub use member::{Eligibility, Member, member_from_pod, node_ready};
+
+/// Never requeue sooner than this: it bounds the loop when a clock or a Lease is odd.
+pub const MIN_REQUEUE: Duration = Duration::from_millis(100);
+
+/// The Lease as podium reads it. `holder_uid` comes from an annotation: a pod recreated under
+/// the same name (a StatefulSet's) is a new incarnation and must get a new epoch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    pub holder: Option<String>,
+    pub holder_uid: Option<String>,
+    pub transitions: i32,
+    pub acquire_time: Option<Timestamp>,
+    pub renew_time: Option<Timestamp>,
+    pub duration_seconds: Option<i32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    Absent,
+    /// A Lease with the group's name exists but podium does not own it: never touch it.
+    Foreign { owner: String },
+    Owned(LeaseView),
+}
+
+/// A pod that an older group also selects; this group leaves it alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overlap {
+    pub pod: String,
+    pub other_group: String,
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Clone, Debug)]
+pub struct Observation<'a> {
+    pub now: Timestamp,
+    pub group: &'a str,
+    pub spec: &'a ElectionGroupSpec,
+    /// Pods the selector matches (minus overlaps), in any order.
+    pub members: Vec<Member>,
+    /// Pods that carry this group's annotation but are no longer members: podium's labels
+    /// must come off them, a leader label first of all.
+    pub strays: Vec<Member>,
+    pub lease: LeaseState,
+    pub overlaps: Vec<Overlap>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseWrite {
+    Keep,
+    /// Create the group's Lease. `holder` is `None` when nobody is eligible yet.
+    Create { holder: Option<Holder>, transitions: i32 },
+    /// Same holder, new renewTime (and the spec's TTL).
+    Renew,
+    /// A change of holder (possibly to nobody); bumps `leaseTransitions`, the epoch.
+    Transfer { holder: Option<Holder>, transitions: i32 },
+}
+
+/// One pod write. Each carries the resourceVersion it was decided on, so a write based on a
+/// stale read is refused with 409 instead of overwriting a newer decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabelWrite {
+    /// role=follower, epoch annotation removed.
+    Demote { pod: String, resource_version: String },
+    /// Every podium label and annotation removed (strays, group deletion).
+    Strip { pod: String, resource_version: String },
+    /// role=leader with the epoch annotation.
+    Promote { pod: String, resource_version: String, epoch: i32 },
+    /// role=follower on a member that lacks it.
+    Follow { pod: String, resource_version: String },
+}
+
+impl LabelWrite {
+    pub fn pod(&self) -> &str {
+        match self {
+            LabelWrite::Demote { pod, .. }
+            | LabelWrite::Strip { pod, .. }
+            | LabelWrite::Promote { pod, .. }
+            | LabelWrite::Follow { pod, .. } => pod,
+        }
+    }
+}
+
+/// A change of leadership, for events, metrics and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// Why the old holder lost the Lease (`PodDeleted`, `PodNotReady`, `Switchover`, ...).
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Led,
+    NoEligibleMembers,
+    Paused,
+    LeaseConflict { owner: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub lease: LeaseWrite,
+    /// Apply in order, each acknowledged before the next: every leader label that must go
+    /// comes off before the new one goes on (break before make).
+    pub labels: Vec<LabelWrite>,
+    pub leader: Option<Holder>,
+    pub epoch: i32,
+    pub leader_since: Option<Timestamp>,
+    pub handover: Option<Handover>,
+    pub outcome: Outcome,
+    pub members: i32,
+    pub eligible: i32,
+    /// Ineligible members with their reasons, for the NoEligibleMembers message.
+    pub ineligible: Vec<(String, &'static str)>,
+    /// Problems worth telling the user that do not stop the election.
+    pub warnings: Vec<String>,
+    pub requeue_after: Duration,
+}
+
+/// Renew at half the TTL, as the etcd recipe and client-go do: a renewal that fails can be
+/// retried for another half TTL before the Lease runs out.
+pub fn renew_interval(ttl_seconds: i32) -> Duration {
+    Duration::from_millis(u64::try_from(ttl_seconds.max(1)).unwrap_or(1) * 500)
+}
+
+pub fn decide(obs: &Observation<'_>) -> Decision {
+    let spec = obs.spec;
+    let eligible: Vec<&Member> = obs.members.iter().filter(|m| m.eligibility.is_eligible()).collect();
+    let mut decision = Decision {
+        lease: LeaseWrite::Keep,
+        labels: Vec::new(),
+        leader: None,
+        epoch: 0,
+        leader_since: None,
+        handover: None,
+        outcome: Outcome::Led,
+        members: count(obs.members.len()),
+        eligible: count(eligible.len()),
+        ineligible: obs
+            .members
+            .iter()
+            .filter(|m| !m.eligibility.is_eligible())
+            .map(|m| (m.name.clone(), m.eligibility.reason()))
+            .collect(),
+        warnings: obs
+            .members
+            .iter()
+            .filter_map(|m| {
+                m.invalid_priority.as_ref().map(|p| {
+                    format!("pod {} has podium.dev/priority {p:?}, which is not an integer; it counts as 0", m.name)
+                })
+            })
+            .collect(),
+        requeue_after: renew_interval(spec.lease_duration_seconds),
+    };
+
+    let lease = match &obs.lease {
+        LeaseState::Foreign { owner } => {
+            decision.outcome = Outcome::LeaseConflict { owner: owner.clone() };
+            decision.requeue_after = Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
+            return decision;
+        }
+        LeaseState::Absent => None,
+        LeaseState::Owned(view) => Some(view),
+    };
+    let current = lease.and_then(|l| l.holder.as_deref());
+    let transitions = lease.map_or(0, |l| l.transitions);
+    let holder_member = current.and_then(|name| {
+        obs.members.iter().find(|m| {
+            m.name == name && lease.and_then(|l| l.holder_uid.as_deref()).is_none_or(|uid| uid == m.uid)
+        })
+    });
+
+    if spec.paused {
+        decision.outcome = Outcome::Paused;
+        decision.epoch = transitions;
+        decision.leader = current.map(|name| Holder {
+            name: name.to_string(),
+            uid: holder_member.map(|m| m.uid.clone()).unwrap_or_default(),
+        });
+        decision.leader_since = lease.and_then(|l| l.acquire_time);
+        if let Some(view) = lease.filter(|l| l.holder.is_some()) {
+            let (write, requeue) = renewal(view, spec.lease_duration_seconds, obs.now);
+            decision.lease = write;
+            decision.requeue_after = requeue;
+        }
+        return decision;
+    }
+
+    let holder_ok = holder_member.is_some_and(|m| m.eligibility.is_eligible());
+    let preferred = spec
+        .preferred_leader
+        .as_deref()
+        .and_then(|p| eligible.iter().copied().find(|m| m.name == p));
+    let target: Option<&Member> = match (holder_ok, preferred) {
+        (true, Some(p)) => Some(p),
+        (true, None) => holder_member,
+        (false, _) => rank(&eligible, spec.preferred_leader.as_deref()),
+    };
+    let target_holder = target.map(|m| Holder { name: m.name.clone(), uid: m.uid.clone() });
+
+    let same_holder = match (lease, target) {
+        (Some(l), Some(t)) => l.holder.as_deref() == Some(t.name.as_str()) && holder_ok,
+        (Some(l), None) => l.holder.is_none(),
+        (None, _) => false,
+    };
+    match lease {
+        None => {
+            decision.lease = LeaseWrite::Create {
+                holder: target_holder.clone(),
+                transitions: i32::from(target.is_some()),
+            };
+            decision.epoch = i32::from(target.is_some());
+            decision.leader_since = target.map(|_| obs.now);
+        }
+        Some(view) if !same_holder => {
+            let next = transitions.saturating_add(1);
+            decision.lease = LeaseWrite::Transfer { holder: target_holder.clone(), transitions: next };
+            decision.epoch = next;
+            decision.leader_since = target.map(|_| obs.now);
+            decision.handover = Some(Handover {
+                from: view.holder.clone(),
+                to: target.map(|m| m.name.clone()),
+                reason: loss_reason(view, holder_member, obs, preferred.is_some() && holder_ok),
+            });
+        }
+        Some(view) => {
+            decision.epoch = transitions;
+            decision.leader_since = view.acquire_time;
+            if target.is_some() {
+                let (write, requeue) = renewal(view, spec.lease_duration_seconds, obs.now);
+                // A Lease from before holder UIDs were recorded gets one on its next renewal.
+                decision.lease = if view.holder_uid.is_none() { LeaseWrite::Renew } else { write };
+                decision.requeue_after = requeue;
+            }
+        }
+    }
+    if target.is_none() {
+        decision.outcome = Outcome::NoEligibleMembers;
+        // Nobody to renew for; look again within one TTL in case an event was missed.
+        decision.requeue_after = Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
+    }
+    decision.leader = target_holder;
+    decision.labels = label_writes(obs, target.map(|m| m.name.as_str()), decision.epoch);
+
+    let soonest_eligible = obs
+        .members
+        .iter()
+        .filter_map(|m| match m.eligibility {
+            Eligibility::ReadyTooShort { remaining } => Some(remaining),
+            _ => None,
+        })
+        .min();
+    if let Some(remaining) = soonest_eligible {
+        decision.requeue_after = decision.requeue_after.min(remaining);
+    }
+    decision.requeue_after = decision.requeue_after.max(MIN_REQUEUE);
+    decision
+}
+
+/// Whether the holder's Lease is due for renewal, and when to look next.
+fn renewal(view: &LeaseView, ttl_seconds: i32, now: Timestamp) -> (LeaseWrite, Duration) {
+    let interval = renew_interval(ttl_seconds);
+    if view.duration_seconds != Some(ttl_seconds) {
+        return (LeaseWrite::Renew, interval);
+    }
+    let Some(renewed) = view.renew_time else {
+        return (LeaseWrite::Renew, interval);
+    };
+    let since = Duration::try_from(now.duration_since(renewed)).unwrap_or(Duration::ZERO);
+    // A little early rather than a little late: waking up 1 ms before the deadline must not
+    // schedule a 1 ms sleep followed by another reconcile.
+    let slack = interval / 20;
+    if since + slack >= interval {
+        (LeaseWrite::Renew, interval)
+    } else {
+        (LeaseWrite::Keep, interval - since)
+    }
+}
+
+/// Who leads when the holder cannot: `preferredLeader` if eligible, then the highest
+/// `podium.dev/priority`, then the longest Ready, then the name, so every replica of the
+/// operator and every rerun picks the same pod.
+pub fn rank<'m>(eligible: &[&'m Member], preferred: Option<&str>) -> Option<&'m Member> {
+    eligible.iter().copied().min_by_key(|m| {
+        (
+            Some(m.name.as_str()) != preferred,
+            Reverse(m.priority.unwrap_or(0)),
+            m.ready_since.is_none(),
+            m.ready_since,
+            m.name.as_str(),
+        )
+    })
+}
+
+fn loss_reason(view: &LeaseView, holder: Option<&Member>, obs: &Observation<'_>, switchover: bool) -> String {
+    let Some(name) = view.holder.as_deref() else {
+        return "NoLeader".into();
+    };
+    if switchover {
+        return "Switchover".into();
+    }
+    if let Some(member) = holder {
+        return member.eligibility.reason().into();
+    }
+    if obs.strays.iter().any(|s| s.name == name) {
+        return "NoLongerSelected".into();
+    }
+    if obs.members.iter().any(|m| m.name == name) {
+        return "PodReplaced".into();
+    }
+    if obs.overlaps.iter().any(|o| o.pod == name) {
+        return "ClaimedByOlderGroup".into();
+    }
+    "PodDeleted".into()
+}
+
+/// Label writes that make the pods agree with the Lease, ordered break-before-make.
+fn label_writes(obs: &Observation<'_>, leader: Option<&str>, epoch: i32) -> Vec<LabelWrite> {
+    let is_leader_label = |m: &Member| m.role.as_deref() == Some(ROLE_LEADER);
+    let mut writes = Vec::new();
+    for m in obs.members.iter().filter(|m| is_leader_label(m) && Some(m.name.as_str()) != leader) {
+        writes.push(LabelWrite::Demote { pod: m.name.clone(), resource_version: m.resource_version.clone() });
+    }
+    for s in obs.strays.iter().filter(|s| is_leader_label(s)) {
+        writes.push(LabelWrite::Strip { pod: s.name.clone(), resource_version: s.resource_version.clone() });
+    }
+    if let Some(m) = leader.and_then(|name| obs.members.iter().find(|m| m.name == name)) {
+        let epoch_text = epoch.to_string();
+        if !is_leader_label(m) || m.epoch.as_deref() != Some(epoch_text.as_str()) || m.group.as_deref() != Some(obs.group)
+        {
+            writes.push(LabelWrite::Promote {
+                pod: m.name.clone(),
+                resource_version: m.resource_version.clone(),
+                epoch,
+            });
+        }
+    }
+    for m in &obs.members {
+        let needs_follow = Some(m.name.as_str()) != leader
+            && !is_leader_label(m)
+            && m.eligibility != Eligibility::Terminating
+            && (m.role.as_deref() != Some(ROLE_FOLLOWER) || m.group.as_deref() != Some(obs.group) || m.epoch.is_some());
+        if needs_follow {
+            writes.push(LabelWrite::Follow { pod: m.name.clone(), resource_version: m.resource_version.clone() });
+        }
+    }
+    for s in obs.strays.iter().filter(|s| !is_leader_label(s)) {
+        writes.push(LabelWrite::Strip { pod: s.name.clone(), resource_version: s.resource_version.clone() });
+    }
+    writes
+}
+
+/// Label writes that remove every trace of podium from a deleted group's pods.
+pub fn cleanup_writes(pods: &[Member]) -> Vec<LabelWrite> {
+    let mut ordered: Vec<&Member> = pods.iter().filter(|m| m.role.is_some() || m.epoch.is_some() || m.group.is_some()).collect();
+    // Leaders first, so no moment shows a follower stripped while a leader label lingers elsewhere.
+    ordered.sort_by_key(|m| m.role.as_deref() != Some(ROLE_LEADER));
+    ordered
+        .into_iter()
+        .map(|m| LabelWrite::Strip { pod: m.name.clone(), resource_version: m.resource_version.clone() })
+        .collect()
+}
+
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

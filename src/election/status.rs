@@ -1,0 +1,175 @@
+//! The status a decision implies. Pure, so the conditions' wording and transitions are tested
+//! with the rest of the core.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::{Decision, Outcome, Overlap};
+use crate::crd::ElectionGroupStatus;
+use crate::crd::conditions::{self, reasons};
+
+/// At most this many names in a condition message; the rest are counted.
+const MAX_NAMES_IN_MESSAGE: usize = 5;
+
+pub fn from_decision(
+    previous: Option<&ElectionGroupStatus>,
+    decision: &Decision,
+    overlaps: &[Overlap],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> ElectionGroupStatus {
+    let leader = decision.leader.as_ref().filter(|h| !h.name.is_empty());
+    let mut conds = Vec::new();
+    let mut set = |type_: &str, status: bool, reason: &str, message: String| {
+        conds.push(condition(previous, type_, status, reason, message, generation, now));
+    };
+    match leader {
+        Some(h) => set(
+            conditions::LEADER_ELECTED,
+            true,
+            reasons::ELECTED,
+            format!("pod {} leads at epoch {}", h.name, decision.epoch),
+        ),
+        None => set(conditions::LEADER_ELECTED, false, reasons::NO_LEADER, "no pod leads".into()),
+    }
+    if decision.eligible == 0 && decision.outcome != Outcome::Paused {
+        set(
+            conditions::NO_ELIGIBLE_MEMBERS,
+            true,
+            reasons::NO_ELIGIBLE,
+            no_eligible_message(decision),
+        );
+    } else {
+        set(
+            conditions::NO_ELIGIBLE_MEMBERS,
+            false,
+            reasons::SOME_ELIGIBLE,
+            format!("{} of {} members are eligible", decision.eligible, decision.members),
+        );
+    }
+    match (&decision.outcome, overlaps.is_empty()) {
+        (Outcome::LeaseConflict { owner }, _) => set(
+            conditions::CONFLICT,
+            true,
+            reasons::LEASE_NOT_OWNED,
+            format!("a Lease with this group's name already exists and is not owned by podium ({owner}); podium will not touch it: rename the group or delete that Lease"),
+        ),
+        (_, false) => set(conditions::CONFLICT, true, reasons::OVERLAPPING_GROUP, overlap_message(overlaps)),
+        (_, true) => set(conditions::CONFLICT, false, reasons::NO_CONFLICT, "no conflict".into()),
+    }
+    if decision.outcome == Outcome::Paused {
+        set(
+            conditions::PAUSED,
+            true,
+            reasons::PAUSED,
+            "spec.paused is true: the Lease is renewed for its holder, nobody new is elected and no labels change".into(),
+        );
+    } else {
+        set(conditions::PAUSED, false, reasons::ACTIVE, "elections are running".into());
+    }
+    set(conditions::INVALID_SPEC, false, reasons::VALID, "spec is valid".into());
+    let degraded = !decision.warnings.is_empty();
+    set(
+        conditions::DEGRADED,
+        degraded,
+        if degraded { reasons::INVALID } else { reasons::HEALTHY },
+        if degraded { decision.warnings.join("; ") } else { "no problems seen".into() },
+    );
+
+    ElectionGroupStatus {
+        leader: leader.map(|h| h.name.clone()),
+        leader_uid: leader.map(|h| h.uid.clone()).filter(|u| !u.is_empty()),
+        epoch: Some(decision.epoch),
+        leader_since: leader.and(decision.leader_since).map(Time),
+        members: decision.members,
+        eligible_members: decision.eligible,
+        eligible: Some(format!("{}/{}", decision.eligible, decision.members)),
+        observed_generation: generation,
+        conditions: conds,
+    }
+}
+
+/// Status for a spec that failed validation: the problems, and otherwise what was there.
+pub fn invalid(
+    previous: Option<&ElectionGroupStatus>,
+    problems: &[String],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> ElectionGroupStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let message = format!("spec is invalid: {}", problems.join("; "));
+    let invalid = condition(previous, conditions::INVALID_SPEC, true, reasons::INVALID, message, generation, now);
+    status.conditions.retain(|c| c.type_ != conditions::INVALID_SPEC);
+    status.conditions.push(invalid);
+    status.observed_generation = generation;
+    status
+}
+
+fn condition(
+    previous: Option<&ElectionGroupStatus>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { conditions::TRUE } else { conditions::FALSE };
+    // The transition time moves only when the status does, as the API conventions ask.
+    let last_transition_time = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+        .filter(|c| c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn no_eligible_message(decision: &Decision) -> String {
+    if decision.members == 0 {
+        return "the selector matches no pods".into();
+    }
+    let mut parts: Vec<String> = decision
+        .ineligible
+        .iter()
+        .take(MAX_NAMES_IN_MESSAGE)
+        .map(|(name, reason)| format!("{name}: {reason}"))
+        .collect();
+    if decision.ineligible.len() > MAX_NAMES_IN_MESSAGE {
+        parts.push(format!("and {} more", decision.ineligible.len() - MAX_NAMES_IN_MESSAGE));
+    }
+    format!("none of {} members is eligible ({})", decision.members, parts.join(", "))
+}
+
+fn overlap_message(overlaps: &[Overlap]) -> String {
+    let mut parts: Vec<String> = overlaps
+        .iter()
+        .take(MAX_NAMES_IN_MESSAGE)
+        .map(|o| format!("pod {} belongs to older group {}", o.pod, o.other_group))
+        .collect();
+    if overlaps.len() > MAX_NAMES_IN_MESSAGE {
+        parts.push(format!("and {} more", overlaps.len() - MAX_NAMES_IN_MESSAGE));
+    }
+    format!("the selector overlaps an older group; those pods are left alone: {}", parts.join(", "))
+}
+
+/// Whether two statuses differ in anything but condition timestamps, so an unchanged status
+/// costs no write.
+pub fn differs(a: Option<&ElectionGroupStatus>, b: &ElectionGroupStatus) -> bool {
+    let Some(a) = a else { return true };
+    let strip = |s: &ElectionGroupStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
+        }
+        s.conditions.sort_by(|x, y| x.type_.cmp(&y.type_));
+        s
+    };
+    strip(a) != strip(b)
+}

@@ -1,0 +1,472 @@
+use super::*;
+use crate::crd::ROLE_LEADER;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use proptest::prelude::*;
+
+const GROUP: &str = "web";
+
+fn spec() -> ElectionGroupSpec {
+    ElectionGroupSpec {
+        selector: LabelSelector {
+            match_labels: Some([("app".to_string(), "web".to_string())].into()),
+            ..Default::default()
+        },
+        lease_duration_seconds: 10,
+        min_ready_seconds: 0,
+        paused: false,
+        preferred_leader: None,
+    }
+}
+
+fn t(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_700_000_000 + secs).unwrap()
+}
+
+/// A Ready member, Ready since `ready_at`, unlabelled.
+fn member(name: &str, ready_at: i64) -> Member {
+    Member {
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        resource_version: format!("rv-{name}"),
+        eligibility: Eligibility::Eligible,
+        ready_since: Some(t(ready_at)),
+        priority: None,
+        invalid_priority: None,
+        role: None,
+        epoch: None,
+        group: None,
+    }
+}
+
+fn labelled(mut m: Member, role: &str, epoch: Option<i32>) -> Member {
+    m.role = Some(role.into());
+    m.epoch = epoch.map(|e| e.to_string());
+    m.group = Some(GROUP.into());
+    m
+}
+
+fn lease(holder: Option<&str>, transitions: i32, renewed: i64) -> LeaseState {
+    LeaseState::Owned(LeaseView {
+        holder: holder.map(String::from),
+        holder_uid: holder.map(|h| format!("uid-{h}")),
+        transitions,
+        acquire_time: Some(t(0)),
+        renew_time: Some(t(renewed)),
+        duration_seconds: Some(10),
+    })
+}
+
+fn observe<'a>(spec: &'a ElectionGroupSpec, members: Vec<Member>, lease: LeaseState, now: i64) -> Observation<'a> {
+    Observation { now: t(now), group: GROUP, spec, members, strays: vec![], lease, overlaps: vec![] }
+}
+
+fn promote(pod: &str, epoch: i32) -> LabelWrite {
+    LabelWrite::Promote { pod: pod.into(), resource_version: format!("rv-{pod}"), epoch }
+}
+fn demote(pod: &str) -> LabelWrite {
+    LabelWrite::Demote { pod: pod.into(), resource_version: format!("rv-{pod}") }
+}
+fn follow(pod: &str) -> LabelWrite {
+    LabelWrite::Follow { pod: pod.into(), resource_version: format!("rv-{pod}") }
+}
+fn holder(name: &str) -> Option<Holder> {
+    Some(Holder { name: name.into(), uid: format!("uid-{name}") })
+}
+
+#[test]
+fn first_election_creates_the_lease_for_the_longest_ready_pod() {
+    let s = spec();
+    let d = decide(&observe(&s, vec![member("b", 5), member("a", 9), member("c", 1)], LeaseState::Absent, 20));
+    assert_eq!(d.lease, LeaseWrite::Create { holder: holder("c"), transitions: 1 });
+    assert_eq!(d.epoch, 1);
+    assert_eq!(d.labels, vec![promote("c", 1), follow("b"), follow("a")]);
+    assert_eq!(d.outcome, Outcome::Led);
+    assert_eq!((d.members, d.eligible), (3, 3));
+}
+
+#[test]
+fn a_healthy_holder_is_kept_without_writes_until_renewal_is_due() {
+    let s = spec();
+    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(4)), labelled(member("b", 0), ROLE_FOLLOWER, None)];
+    let d = decide(&observe(&s, members.clone(), lease(Some("a"), 4, 100), 102));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+    assert!(d.labels.is_empty(), "{:?}", d.labels);
+    assert_eq!(d.requeue_after, Duration::from_secs(3));
+    let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 105));
+    assert_eq!(d.lease, LeaseWrite::Renew);
+    assert_eq!(d.requeue_after, Duration::from_secs(5));
+}
+
+#[test]
+fn an_expired_lease_with_an_eligible_holder_is_renewed_not_failed_over() {
+    let s = spec();
+    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(4)), labelled(member("b", 0), ROLE_FOLLOWER, None)];
+    let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 500));
+    assert_eq!(d.lease, LeaseWrite::Renew);
+    assert_eq!(d.epoch, 4);
+    assert!(d.handover.is_none());
+}
+
+#[test]
+fn terminating_holder_fails_over_break_before_make() {
+    let s = spec();
+    let mut a = labelled(member("a", 0), ROLE_LEADER, Some(4));
+    a.eligibility = Eligibility::Terminating;
+    let members = vec![a, labelled(member("b", 3), ROLE_FOLLOWER, None), labelled(member("c", 2), ROLE_FOLLOWER, None)];
+    let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("c"), transitions: 5 });
+    assert_eq!(d.labels, vec![demote("a"), promote("c", 5)]);
+    assert_eq!(d.handover.as_ref().map(|h| h.reason.as_str()), Some("PodTerminating"));
+}
+
+#[test]
+fn deleted_holder_fails_over_with_reason() {
+    let s = spec();
+    let members = vec![labelled(member("b", 3), ROLE_FOLLOWER, None)];
+    let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("b"), transitions: 5 });
+    assert_eq!(d.labels, vec![promote("b", 5)]);
+    let h = d.handover.unwrap();
+    assert_eq!((h.from.as_deref(), h.to.as_deref(), h.reason.as_str()), (Some("a"), Some("b"), "PodDeleted"));
+}
+
+#[test]
+fn not_ready_holder_and_node_not_ready_holder_fail_over() {
+    let s = spec();
+    for why in [Eligibility::NotReady, Eligibility::NodeNotReady, Eligibility::NotRunning] {
+        let mut a = labelled(member("a", 0), ROLE_LEADER, Some(1));
+        a.eligibility = why.clone();
+        let d = decide(&observe(&s, vec![a, member("b", 1)], lease(Some("a"), 1, 100), 101));
+        assert_eq!(d.leader, holder("b"), "{why:?}");
+        assert_eq!(d.labels[0], demote("a"));
+        assert_eq!(d.handover.unwrap().reason, why.reason());
+    }
+}
+
+#[test]
+fn nobody_eligible_clears_the_holder_and_every_leader_label() {
+    let s = spec();
+    let mut a = labelled(member("a", 0), ROLE_LEADER, Some(2));
+    a.eligibility = Eligibility::NotReady;
+    let mut b = member("b", 0);
+    b.eligibility = Eligibility::NotRunning;
+    let d = decide(&observe(&s, vec![a, b], lease(Some("a"), 2, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Transfer { holder: None, transitions: 3 });
+    assert_eq!(d.outcome, Outcome::NoEligibleMembers);
+    assert_eq!(d.leader, None);
+    assert_eq!(d.labels, vec![demote("a"), follow("b")]);
+    // And once someone is eligible again, it is elected at the next epoch.
+    let d = decide(&observe(&s, vec![member("b", 200)], lease(None, 3, 101), 300));
+    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("b"), transitions: 4 });
+}
+
+#[test]
+fn an_empty_lease_with_nobody_eligible_is_left_alone() {
+    let s = spec();
+    let mut b = member("b", 0);
+    b.eligibility = Eligibility::NotReady;
+    let d = decide(&observe(&s, vec![labelled(b, ROLE_FOLLOWER, None)], lease(None, 3, 100), 500));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+    assert!(d.labels.is_empty());
+    assert_eq!(d.requeue_after, Duration::from_secs(10));
+}
+
+#[test]
+fn paused_renews_the_holder_even_if_ineligible_and_changes_no_label() {
+    let mut s = spec();
+    s.paused = true;
+    let mut a = labelled(member("a", 0), ROLE_LEADER, Some(2));
+    a.eligibility = Eligibility::NotReady;
+    let d = decide(&observe(&s, vec![a, member("b", 0), labelled(member("c", 0), ROLE_LEADER, None)], lease(Some("a"), 2, 100), 106));
+    assert_eq!(d.lease, LeaseWrite::Renew);
+    assert!(d.labels.is_empty());
+    assert_eq!(d.outcome, Outcome::Paused);
+    assert_eq!(d.leader.map(|h| h.name), Some("a".into()));
+    // Paused with no Lease: nothing is created.
+    let d = decide(&observe(&s, vec![member("b", 0)], LeaseState::Absent, 106));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+}
+
+#[test]
+fn preferred_leader_takes_over_when_eligible_and_only_then() {
+    let mut s = spec();
+    s.preferred_leader = Some("b".into());
+    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(2)), labelled(member("b", 50), ROLE_FOLLOWER, None)];
+    let d = decide(&observe(&s, members.clone(), lease(Some("a"), 2, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("b"), transitions: 3 });
+    assert_eq!(d.labels, vec![demote("a"), promote("b", 3)]);
+    assert_eq!(d.handover.unwrap().reason, "Switchover");
+
+    let mut not_ready = members;
+    not_ready[1].eligibility = Eligibility::NotReady;
+    let d = decide(&observe(&s, not_ready, lease(Some("a"), 2, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+    assert_eq!(d.leader, holder("a"));
+}
+
+#[test]
+fn a_returning_pod_does_not_take_leadership_back() {
+    let s = spec();
+    // "a" was leader, failed over to "b", and is Ready again (and was Ready earlier than b).
+    let members = vec![labelled(member("a", 1), ROLE_FOLLOWER, None), labelled(member("b", 50), ROLE_LEADER, Some(3))];
+    let d = decide(&observe(&s, members, lease(Some("b"), 3, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+    assert_eq!(d.leader, holder("b"));
+    assert!(d.labels.is_empty());
+}
+
+#[test]
+fn a_hand_labelled_second_leader_is_demoted_and_the_holder_keeps_its_label() {
+    let s = spec();
+    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(2)), labelled(member("b", 0), ROLE_LEADER, None)];
+    let d = decide(&observe(&s, members, lease(Some("a"), 2, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+    assert_eq!(d.labels, vec![demote("b")]);
+}
+
+#[test]
+fn after_a_crash_labels_converge_from_the_lease_stripping_first() {
+    let s = spec();
+    // The Lease names b at epoch 5, but the crash happened before a was unlabelled.
+    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(4)), labelled(member("b", 0), ROLE_FOLLOWER, None)];
+    let d = decide(&observe(&s, members, lease(Some("b"), 5, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+    assert_eq!(d.labels, vec![demote("a"), promote("b", 5)]);
+}
+
+#[test]
+fn priority_beats_readiness_age_and_bad_priorities_are_reported() {
+    let s = spec();
+    let mut young = member("young", 90);
+    young.priority = Some(10);
+    let mut bad = member("bad", 0);
+    bad.invalid_priority = Some("high".into());
+    let d = decide(&observe(&s, vec![member("old", 1), young, bad], LeaseState::Absent, 100));
+    assert_eq!(d.leader, holder("young"));
+    assert_eq!(d.warnings.len(), 1);
+    assert!(d.warnings[0].contains("bad") && d.warnings[0].contains("high"));
+}
+
+#[test]
+fn ties_break_by_name() {
+    let s = spec();
+    let d = decide(&observe(&s, vec![member("b", 5), member("a", 5)], LeaseState::Absent, 100));
+    assert_eq!(d.leader, holder("a"));
+}
+
+#[test]
+fn a_recreated_pod_with_the_holders_name_is_a_new_term() {
+    let s = spec();
+    let mut a = member("a", 90);
+    a.uid = "uid-a-2".into();
+    let d = decide(&observe(&s, vec![a], lease(Some("a"), 7, 100), 101));
+    assert_eq!(d.lease, LeaseWrite::Transfer { holder: Some(Holder { name: "a".into(), uid: "uid-a-2".into() }), transitions: 8 });
+    assert_eq!(d.handover.unwrap().reason, "PodReplaced");
+}
+
+#[test]
+fn a_foreign_lease_is_never_touched() {
+    let s = spec();
+    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(1))];
+    let d = decide(&observe(&s, members, LeaseState::Foreign { owner: "someone".into() }, 101));
+    assert_eq!(d.lease, LeaseWrite::Keep);
+    assert!(d.labels.is_empty());
+    assert_eq!(d.outcome, Outcome::LeaseConflict { owner: "someone".into() });
+}
+
+#[test]
+fn a_stray_leader_is_stripped_before_anyone_is_promoted() {
+    let s = spec();
+    let mut obs = observe(&s, vec![member("b", 0)], lease(Some("a"), 1, 100), 101);
+    obs.strays = vec![labelled(member("a", 0), ROLE_LEADER, Some(1)), labelled(member("z", 0), ROLE_FOLLOWER, None)];
+    let d = decide(&obs);
+    assert_eq!(d.handover.as_ref().unwrap().reason, "NoLongerSelected");
+    assert_eq!(
+        d.labels,
+        vec![
+            LabelWrite::Strip { pod: "a".into(), resource_version: "rv-a".into() },
+            promote("b", 2),
+            LabelWrite::Strip { pod: "z".into(), resource_version: "rv-z".into() },
+        ]
+    );
+}
+
+#[test]
+fn min_ready_seconds_requeues_when_the_first_member_qualifies() {
+    let mut s = spec();
+    s.min_ready_seconds = 30;
+    let mut a = member("a", 0);
+    a.eligibility = Eligibility::ReadyTooShort { remaining: Duration::from_millis(2500) };
+    let d = decide(&observe(&s, vec![a], LeaseState::Absent, 10));
+    assert_eq!(d.lease, LeaseWrite::Create { holder: None, transitions: 0 });
+    assert_eq!(d.requeue_after, Duration::from_millis(2500));
+}
+
+#[test]
+fn a_ttl_change_is_written_at_once() {
+    let mut s = spec();
+    s.lease_duration_seconds = 30;
+    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(1))];
+    let d = decide(&observe(&s, members, lease(Some("a"), 1, 100), 100));
+    assert_eq!(d.lease, LeaseWrite::Renew);
+}
+
+#[test]
+fn cleanup_strips_leaders_first_and_skips_untouched_pods() {
+    let pods = vec![labelled(member("f", 0), ROLE_FOLLOWER, None), member("plain", 0), labelled(member("l", 0), ROLE_LEADER, Some(3))];
+    let writes = cleanup_writes(&pods);
+    let names: Vec<&str> = writes.iter().map(LabelWrite::pod).collect();
+    assert_eq!(names, vec!["l", "f"]);
+}
+
+#[test]
+fn status_reports_leader_and_conditions() {
+    let s = spec();
+    let d = decide(&observe(&s, vec![member("a", 0), member("b", 0)], LeaseState::Absent, 100));
+    let st = status::from_decision(None, &d, &[], Some(3), t(100));
+    assert_eq!(st.leader.as_deref(), Some("a"));
+    assert_eq!(st.epoch, Some(1));
+    assert_eq!(st.eligible.as_deref(), Some("2/2"));
+    let cond = |ty: &str| st.conditions.iter().find(|c| c.type_ == ty).unwrap().status.clone();
+    assert_eq!(cond("LeaderElected"), "True");
+    assert_eq!(cond("NoEligibleMembers"), "False");
+    assert_eq!(cond("Conflict"), "False");
+    assert_eq!(cond("Paused"), "False");
+    // Same decision later: no transition times move, so nothing needs writing.
+    let again = status::from_decision(Some(&st), &d, &[], Some(3), t(200));
+    assert!(!status::differs(Some(&st), &again));
+}
+
+#[test]
+fn status_names_overlaps_and_the_foreign_lease() {
+    let s = spec();
+    let d = decide(&observe(&s, vec![], LeaseState::Foreign { owner: "holder x".into() }, 100));
+    let st = status::from_decision(None, &d, &[], None, t(100));
+    let conflict = st.conditions.iter().find(|c| c.type_ == "Conflict").unwrap();
+    assert_eq!((conflict.status.as_str(), conflict.reason.as_str()), ("True", "LeaseNotOwned"));
+    let overlaps = vec![Overlap { pod: "p".into(), other_group: "older".into() }];
+    let d = decide(&observe(&s, vec![], LeaseState::Absent, 100));
+    let st = status::from_decision(None, &d, &overlaps, None, t(100));
+    let conflict = st.conditions.iter().find(|c| c.type_ == "Conflict").unwrap();
+    assert!(conflict.message.contains("older"), "{}", conflict.message);
+}
+
+// ---- properties of single decisions over arbitrary observations ----
+
+fn arb_eligibility() -> impl Strategy<Value = Eligibility> {
+    prop_oneof![
+        4 => Just(Eligibility::Eligible),
+        1 => Just(Eligibility::Terminating),
+        1 => Just(Eligibility::NotReady),
+        1 => Just(Eligibility::NodeNotReady),
+        1 => (1u64..5000).prop_map(|ms| Eligibility::ReadyTooShort { remaining: Duration::from_millis(ms) }),
+    ]
+}
+
+fn arb_member(i: usize) -> impl Strategy<Value = Member> {
+    (
+        arb_eligibility(),
+        0i64..50,
+        prop::option::of(-3i64..3),
+        prop::option::of(prop_oneof![Just(ROLE_LEADER.to_string()), Just(ROLE_FOLLOWER.to_string())]),
+        prop::option::of(0i32..6),
+    )
+        .prop_map(move |(eligibility, ready, priority, role, epoch)| {
+            let mut m = member(&format!("p{i}"), ready);
+            m.eligibility = eligibility;
+            m.priority = priority;
+            m.role = role;
+            m.epoch = epoch.map(|e| e.to_string());
+            m.group = Some(GROUP.into());
+            m
+        })
+}
+
+fn arb_observation() -> impl Strategy<Value = (Vec<Member>, Vec<Member>, LeaseState, bool, Option<usize>, i64)> {
+    (
+        (0usize..6).prop_flat_map(|n| (0..n).map(arb_member).collect::<Vec<_>>()),
+        prop::collection::vec(arb_member(99), 0..2),
+        prop_oneof![
+            1 => Just(LeaseState::Absent),
+            4 => (prop::option::of(0usize..8), 0i32..20, 0i64..40).prop_map(|(h, tr, renewed)| {
+                lease(h.map(|i| format!("p{i}")).as_deref(), tr, renewed)
+            }),
+        ],
+        any::<bool>(),
+        prop::option::of(0usize..8),
+        0i64..60,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::election::tests::cases()))]
+
+    #[test]
+    fn decisions_keep_the_invariants((members, strays, lease_state, paused, preferred, now) in arb_observation()) {
+        let mut s = spec();
+        s.paused = paused;
+        s.preferred_leader = preferred.map(|i| format!("p{i}"));
+        let strays: Vec<Member> = strays.into_iter().enumerate().map(|(i, mut m)| { m.name = format!("s{i}"); m }).collect();
+        let obs = Observation { now: t(now), group: GROUP, spec: &s, members: members.clone(), strays: strays.clone(), lease: lease_state.clone(), overlaps: vec![] };
+        let d = decide(&obs);
+        let before = match &lease_state { LeaseState::Owned(v) => v.transitions, _ => 0 };
+
+        // I2: the epoch never goes backwards, and moves exactly when the holder changes.
+        prop_assert!(d.epoch >= before);
+        match &d.lease {
+            LeaseWrite::Transfer { transitions, .. } => prop_assert_eq!(*transitions, before + 1),
+            LeaseWrite::Create { transitions, holder } => prop_assert_eq!(*transitions, i32::from(holder.is_some())),
+            LeaseWrite::Keep | LeaseWrite::Renew => prop_assert_eq!(d.epoch, before),
+        }
+
+        if paused {
+            prop_assert!(d.labels.is_empty());
+            let elects = matches!(d.lease, LeaseWrite::Transfer { .. } | LeaseWrite::Create { .. });
+            prop_assert!(!elects, "paused must not elect: {:?}", d.lease);
+            return Ok(());
+        }
+
+        // The leader is eligible, and there is one whenever anyone is eligible.
+        let any_eligible = members.iter().any(|m| m.eligibility.is_eligible());
+        prop_assert_eq!(d.leader.is_some(), any_eligible);
+        if let Some(h) = &d.leader {
+            prop_assert!(members.iter().any(|m| m.name == h.name && m.eligibility.is_eligible()));
+        }
+
+        // Break before make: every leader label that must go is removed before the promote.
+        let promote_at = d.labels.iter().position(|w| matches!(w, LabelWrite::Promote { .. }));
+        let promotes = d.labels.iter().filter(|w| matches!(w, LabelWrite::Promote { .. })).count();
+        prop_assert!(promotes <= 1, "{:?}", d.labels);
+        if let Some(p) = promote_at {
+            for (i, w) in d.labels.iter().enumerate() {
+                let was_leader = members.iter().chain(&strays).any(|m| m.name == w.pod() && m.role.as_deref() == Some(ROLE_LEADER));
+                if matches!(w, LabelWrite::Demote { .. } | LabelWrite::Strip { .. }) && was_leader {
+                    prop_assert!(i < p, "demote of {} after promote: {:?}", w.pod(), d.labels);
+                }
+            }
+        }
+
+        // I1 + I3 on the core: applying the writes, in order, leaves at most one leader label at
+        // every step, and at the end exactly the decided leader carries it.
+        let mut roles: std::collections::BTreeMap<String, Option<String>> =
+            members.iter().chain(&strays).map(|m| (m.name.clone(), m.role.clone())).collect();
+        let leaders = |r: &std::collections::BTreeMap<String, Option<String>>| r.values().filter(|v| v.as_deref() == Some(ROLE_LEADER)).count();
+        let initial_leaders = leaders(&roles);
+        for w in &d.labels {
+            match w {
+                LabelWrite::Demote { pod, .. } | LabelWrite::Follow { pod, .. } => { roles.insert(pod.clone(), Some(ROLE_FOLLOWER.into())); }
+                LabelWrite::Strip { pod, .. } => { roles.insert(pod.clone(), None); }
+                LabelWrite::Promote { pod, .. } => { roles.insert(pod.clone(), Some(ROLE_LEADER.into())); }
+            }
+            prop_assert!(leaders(&roles) <= initial_leaders.max(1), "{:?}", d.labels);
+        }
+        let final_leaders: Vec<&String> = roles.iter().filter(|(_, v)| v.as_deref() == Some(ROLE_LEADER)).map(|(k, _)| k).collect();
+        prop_assert_eq!(final_leaders, d.leader.iter().map(|h| &h.name).collect::<Vec<_>>());
+        prop_assert!(d.requeue_after >= MIN_REQUEUE);
+    }
+}
+
+/// Property-test cases per property: enough to matter in CI, more with PODIUM_PROPTEST_CASES.
+pub(crate) fn cases() -> u32 {
+    std::env::var("PODIUM_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+}
