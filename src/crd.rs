@@ -75,7 +75,10 @@ pub struct ElectionGroupSpec {
 
     /// Name of a pod that should lead whenever it is eligible (a switchover).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub preferred_leader: Option<String>,
 }
 

@@ -35,8 +35,14 @@ pub fn matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String
 }
 
 pub fn is_empty(selector: &LabelSelector) -> bool {
-    selector.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
-        && selector.match_expressions.as_ref().is_none_or(Vec::is_empty)
+    selector
+        .match_labels
+        .as_ref()
+        .is_none_or(BTreeMap::is_empty)
+        && selector
+            .match_expressions
+            .as_ref()
+            .is_none_or(Vec::is_empty)
 }
 
 /// The selector in the string form the API accepts as `labelSelector`, for list calls and
@@ -67,7 +73,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -84,7 +93,10 @@ mod tests {
             match_labels: Some(labels(&[("app", "web"), ("tier", "db")])),
             ..Default::default()
         };
-        assert!(matches(&sel, Some(&labels(&[("app", "web"), ("tier", "db"), ("x", "y")]))));
+        assert!(matches(
+            &sel,
+            Some(&labels(&[("app", "web"), ("tier", "db"), ("x", "y")]))
+        ));
         assert!(!matches(&sel, Some(&labels(&[("app", "web")]))));
         assert!(!matches(&sel, None));
     }
@@ -100,24 +112,48 @@ mod tests {
             ]),
             ..Default::default()
         };
-        assert!(matches(&sel, Some(&labels(&[("app", "api"), ("team", "x")]))));
-        assert!(matches(&sel, Some(&labels(&[("app", "web"), ("team", "x"), ("zone", "a")]))));
-        assert!(!matches(&sel, Some(&labels(&[("app", "web"), ("team", "x"), ("zone", "b")]))));
-        assert!(!matches(&sel, Some(&labels(&[("app", "web"), ("team", "x"), ("canary", "1")]))));
+        assert!(matches(
+            &sel,
+            Some(&labels(&[("app", "api"), ("team", "x")]))
+        ));
+        assert!(matches(
+            &sel,
+            Some(&labels(&[("app", "web"), ("team", "x"), ("zone", "a")]))
+        ));
+        assert!(!matches(
+            &sel,
+            Some(&labels(&[("app", "web"), ("team", "x"), ("zone", "b")]))
+        ));
+        assert!(!matches(
+            &sel,
+            Some(&labels(&[("app", "web"), ("team", "x"), ("canary", "1")]))
+        ));
         assert!(!matches(&sel, Some(&labels(&[("app", "web")]))));
-        assert!(!matches(&sel, Some(&labels(&[("app", "db"), ("team", "x")]))));
+        assert!(!matches(
+            &sel,
+            Some(&labels(&[("app", "db"), ("team", "x")]))
+        ));
     }
 
     #[test]
     fn empty_selector_matches_nothing() {
-        assert!(!matches(&LabelSelector::default(), Some(&labels(&[("a", "b")]))));
-        let sel = LabelSelector { match_labels: Some(BTreeMap::new()), match_expressions: Some(vec![]) };
+        assert!(!matches(
+            &LabelSelector::default(),
+            Some(&labels(&[("a", "b")]))
+        ));
+        let sel = LabelSelector {
+            match_labels: Some(BTreeMap::new()),
+            match_expressions: Some(vec![]),
+        };
         assert!(!matches(&sel, Some(&labels(&[("a", "b")]))));
     }
 
     #[test]
     fn unknown_operator_never_matches() {
-        let sel = LabelSelector { match_expressions: Some(vec![expr("a", "Like", &["b"])]), ..Default::default() };
+        let sel = LabelSelector {
+            match_expressions: Some(vec![expr("a", "Like", &["b"])]),
+            ..Default::default()
+        };
         assert!(!matches(&sel, Some(&labels(&[("a", "b")]))));
     }
 
@@ -125,7 +161,10 @@ mod tests {
     fn query_string_round_trips_the_meaning() {
         let sel = LabelSelector {
             match_labels: Some(labels(&[("app", "web")])),
-            match_expressions: Some(vec![expr("zone", "In", &["a", "b"]), expr("x", "DoesNotExist", &[])]),
+            match_expressions: Some(vec![
+                expr("zone", "In", &["a", "b"]),
+                expr("x", "DoesNotExist", &[]),
+            ]),
         };
         assert_eq!(to_query(&sel), "app=web,zone in (a,b),!x");
     }

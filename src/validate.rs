@@ -17,8 +17,18 @@ pub fn validate(spec: &ElectionGroupSpec) -> Result<(), Vec<String>> {
                 .to_string(),
         );
     }
-    let uses_role_key = spec.selector.match_labels.iter().flatten().any(|(k, _)| k == ROLE_LABEL)
-        || spec.selector.match_expressions.iter().flatten().any(|e| e.key == ROLE_LABEL);
+    let uses_role_key = spec
+        .selector
+        .match_labels
+        .iter()
+        .flatten()
+        .any(|(k, _)| k == ROLE_LABEL)
+        || spec
+            .selector
+            .match_expressions
+            .iter()
+            .flatten()
+            .any(|e| e.key == ROLE_LABEL);
     if uses_role_key {
         problems.push(format!(
             "spec.selector must not use the key {ROLE_LABEL}: podium writes that label itself"
@@ -63,7 +73,11 @@ pub fn validate(spec: &ElectionGroupSpec) -> Result<(), Vec<String>> {
             "spec.preferredLeader {name:?} is not a valid pod name (lowercase letters, digits, '-' and '.', at most {MAX_NAME_LENGTH} characters)"
         ));
     }
-    if problems.is_empty() { Ok(()) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 fn is_dns_subdomain(name: &str) -> bool {
@@ -95,7 +109,9 @@ mod tests {
     }
 
     fn problems(spec: ElectionGroupSpec) -> String {
-        validate(&spec).expect_err("spec should be refused").join("; ")
+        validate(&spec)
+            .expect_err("spec should be refused")
+            .join("; ")
     }
 
     #[test]
@@ -161,10 +177,21 @@ mod tests {
     fn bad_operators_are_refused() {
         let mut s = spec();
         s.selector.match_expressions = Some(vec![
-            LabelSelectorRequirement { key: "a".into(), operator: "Like".into(), values: None },
-            LabelSelectorRequirement { key: "b".into(), operator: "In".into(), values: None },
+            LabelSelectorRequirement {
+                key: "a".into(),
+                operator: "Like".into(),
+                values: None,
+            },
+            LabelSelectorRequirement {
+                key: "b".into(),
+                operator: "In".into(),
+                values: None,
+            },
         ]);
         let p = problems(s);
-        assert!(p.contains("unknown operator") && p.contains("needs at least one value"), "{p}");
+        assert!(
+            p.contains("unknown operator") && p.contains("needs at least one value"),
+            "{p}"
+        );
     }
 }

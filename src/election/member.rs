@@ -15,7 +15,9 @@ pub enum Eligibility {
     NotRunning,
     NotReady,
     /// Ready, but for less than `minReadySeconds`; eligible after `remaining`.
-    ReadyTooShort { remaining: Duration },
+    ReadyTooShort {
+        remaining: Duration,
+    },
     NodeNotReady,
 }
 
@@ -72,7 +74,10 @@ pub fn member_from_pod(
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
     let is_ready = ready.is_some_and(|c| c.status == "True");
-    let ready_since = ready.filter(|_| is_ready).and_then(|c| c.last_transition_time.as_ref()).map(|t| t.0);
+    let ready_since = ready
+        .filter(|_| is_ready)
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
     let phase_running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
 
     let eligibility = if meta.deletion_timestamp.is_some() {
@@ -101,25 +106,37 @@ pub fn member_from_pod(
             Some(Err(_)) => raw_priority,
             _ => None,
         },
-        role: meta.labels.as_ref().and_then(|l| l.get(ROLE_LABEL)).cloned(),
+        role: meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ROLE_LABEL))
+            .cloned(),
         epoch: annotation(EPOCH_ANNOTATION),
         group: annotation(GROUP_ANNOTATION),
     }
 }
 
-fn ready_too_short(ready_since: Option<Timestamp>, min_ready: Duration, now: Timestamp) -> Eligibility {
+fn ready_too_short(
+    ready_since: Option<Timestamp>,
+    min_ready: Duration,
+    now: Timestamp,
+) -> Eligibility {
     if min_ready.is_zero() {
         return Eligibility::Eligible;
     }
     // A Ready condition without a transition time cannot prove how long it has been Ready.
     let Some(since) = ready_since else {
-        return Eligibility::ReadyTooShort { remaining: min_ready };
+        return Eligibility::ReadyTooShort {
+            remaining: min_ready,
+        };
     };
     let ready_for = Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO);
     if ready_for >= min_ready {
         Eligibility::Eligible
     } else {
-        Eligibility::ReadyTooShort { remaining: min_ready - ready_for }
+        Eligibility::ReadyTooShort {
+            remaining: min_ready - ready_for,
+        }
     }
 }
 
@@ -168,7 +185,12 @@ mod tests {
 
     #[test]
     fn running_ready_pod_is_eligible() {
-        let m = member_from_pod(&pod("Running", Some(("True", at(0)))), None, Duration::ZERO, at(1));
+        let m = member_from_pod(
+            &pod("Running", Some(("True", at(0)))),
+            None,
+            Duration::ZERO,
+            at(1),
+        );
         assert_eq!(m.eligibility, Eligibility::Eligible);
         assert_eq!(m.ready_since, Some(at(0)));
     }
@@ -176,19 +198,40 @@ mod tests {
     #[test]
     fn each_disqualifier_is_reported() {
         let now = at(100);
-        assert_eq!(member_from_pod(&pod("Pending", None), None, Duration::ZERO, now).eligibility, Eligibility::NotRunning);
         assert_eq!(
-            member_from_pod(&pod("Running", Some(("False", at(0)))), None, Duration::ZERO, now).eligibility,
+            member_from_pod(&pod("Pending", None), None, Duration::ZERO, now).eligibility,
+            Eligibility::NotRunning
+        );
+        assert_eq!(
+            member_from_pod(
+                &pod("Running", Some(("False", at(0)))),
+                None,
+                Duration::ZERO,
+                now
+            )
+            .eligibility,
             Eligibility::NotReady
         );
-        assert_eq!(member_from_pod(&pod("Running", None), None, Duration::ZERO, now).eligibility, Eligibility::NotReady);
         assert_eq!(
-            member_from_pod(&pod("Running", Some(("True", at(0)))), Some(false), Duration::ZERO, now).eligibility,
+            member_from_pod(&pod("Running", None), None, Duration::ZERO, now).eligibility,
+            Eligibility::NotReady
+        );
+        assert_eq!(
+            member_from_pod(
+                &pod("Running", Some(("True", at(0)))),
+                Some(false),
+                Duration::ZERO,
+                now
+            )
+            .eligibility,
             Eligibility::NodeNotReady
         );
         let mut terminating = pod("Running", Some(("True", at(0))));
         terminating.metadata.deletion_timestamp = Some(Time(at(50)));
-        assert_eq!(member_from_pod(&terminating, Some(true), Duration::ZERO, now).eligibility, Eligibility::Terminating);
+        assert_eq!(
+            member_from_pod(&terminating, Some(true), Duration::ZERO, now).eligibility,
+            Eligibility::Terminating
+        );
     }
 
     #[test]
@@ -196,19 +239,29 @@ mod tests {
         let p = pod("Running", Some(("True", at(0))));
         assert_eq!(
             member_from_pod(&p, None, Duration::from_secs(10), at(4)).eligibility,
-            Eligibility::ReadyTooShort { remaining: Duration::from_secs(6) }
+            Eligibility::ReadyTooShort {
+                remaining: Duration::from_secs(6)
+            }
         );
-        assert_eq!(member_from_pod(&p, None, Duration::from_secs(10), at(10)).eligibility, Eligibility::Eligible);
+        assert_eq!(
+            member_from_pod(&p, None, Duration::from_secs(10), at(10)).eligibility,
+            Eligibility::Eligible
+        );
     }
 
     #[test]
     fn priority_annotation_parses_or_is_reported() {
         let mut p = pod("Running", Some(("True", at(0))));
-        p.metadata.annotations = Some([(PRIORITY_ANNOTATION.to_string(), " 42 ".to_string())].into());
+        p.metadata.annotations =
+            Some([(PRIORITY_ANNOTATION.to_string(), " 42 ".to_string())].into());
         let m = member_from_pod(&p, None, Duration::ZERO, at(1));
         assert_eq!((m.priority, m.invalid_priority), (Some(42), None));
-        p.metadata.annotations = Some([(PRIORITY_ANNOTATION.to_string(), "high".to_string())].into());
+        p.metadata.annotations =
+            Some([(PRIORITY_ANNOTATION.to_string(), "high".to_string())].into());
         let m = member_from_pod(&p, None, Duration::ZERO, at(1));
-        assert_eq!((m.priority, m.invalid_priority.as_deref()), (None, Some("high")));
+        assert_eq!(
+            (m.priority, m.invalid_priority.as_deref()),
+            (None, Some("high"))
+        );
     }
 }

@@ -33,7 +33,9 @@ pub struct LeaseView {
 pub enum LeaseState {
     Absent,
     /// A Lease with the group's name exists but podium does not own it: never touch it.
-    Foreign { owner: String },
+    Foreign {
+        owner: String,
+    },
     Owned(LeaseView),
 }
 
@@ -69,11 +71,17 @@ pub struct Holder {
 pub enum LeaseWrite {
     Keep,
     /// Create the group's Lease. `holder` is `None` when nobody is eligible yet.
-    Create { holder: Option<Holder>, transitions: i32 },
+    Create {
+        holder: Option<Holder>,
+        transitions: i32,
+    },
     /// Same holder, new renewTime (and the spec's TTL).
     Renew,
     /// A change of holder (possibly to nobody); bumps `leaseTransitions`, the epoch.
-    Transfer { holder: Option<Holder>, transitions: i32 },
+    Transfer {
+        holder: Option<Holder>,
+        transitions: i32,
+    },
 }
 
 /// One pod write. Each carries the resourceVersion it was decided on, so a write based on a
@@ -81,13 +89,26 @@ pub enum LeaseWrite {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LabelWrite {
     /// role=follower, epoch annotation removed.
-    Demote { pod: String, resource_version: String },
+    Demote {
+        pod: String,
+        resource_version: String,
+    },
     /// Every podium label and annotation removed (strays, group deletion).
-    Strip { pod: String, resource_version: String },
+    Strip {
+        pod: String,
+        resource_version: String,
+    },
     /// role=leader with the epoch annotation.
-    Promote { pod: String, resource_version: String, epoch: i32 },
+    Promote {
+        pod: String,
+        resource_version: String,
+        epoch: i32,
+    },
     /// role=follower on a member that lacks it.
-    Follow { pod: String, resource_version: String },
+    Follow {
+        pod: String,
+        resource_version: String,
+    },
 }
 
 impl LabelWrite {
@@ -146,7 +167,11 @@ pub fn renew_interval(ttl_seconds: i32) -> Duration {
 
 pub fn decide(obs: &Observation<'_>) -> Decision {
     let spec = obs.spec;
-    let eligible: Vec<&Member> = obs.members.iter().filter(|m| m.eligibility.is_eligible()).collect();
+    let eligible: Vec<&Member> = obs
+        .members
+        .iter()
+        .filter(|m| m.eligibility.is_eligible())
+        .collect();
     let mut decision = Decision {
         lease: LeaseWrite::Keep,
         labels: Vec::new(),
@@ -177,8 +202,11 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
 
     let lease = match &obs.lease {
         LeaseState::Foreign { owner } => {
-            decision.outcome = Outcome::LeaseConflict { owner: owner.clone() };
-            decision.requeue_after = Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
+            decision.outcome = Outcome::LeaseConflict {
+                owner: owner.clone(),
+            };
+            decision.requeue_after =
+                Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
             return decision;
         }
         LeaseState::Absent => None,
@@ -188,7 +216,10 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     let transitions = lease.map_or(0, |l| l.transitions);
     let holder_member = current.and_then(|name| {
         obs.members.iter().find(|m| {
-            m.name == name && lease.and_then(|l| l.holder_uid.as_deref()).is_none_or(|uid| uid == m.uid)
+            m.name == name
+                && lease
+                    .and_then(|l| l.holder_uid.as_deref())
+                    .is_none_or(|uid| uid == m.uid)
         })
     });
 
@@ -218,7 +249,10 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
         (true, None) => holder_member,
         (false, _) => rank(&eligible, spec.preferred_leader.as_deref()),
     };
-    let target_holder = target.map(|m| Holder { name: m.name.clone(), uid: m.uid.clone() });
+    let target_holder = target.map(|m| Holder {
+        name: m.name.clone(),
+        uid: m.uid.clone(),
+    });
 
     let same_holder = match (lease, target) {
         (Some(l), Some(t)) => l.holder.as_deref() == Some(t.name.as_str()) && holder_ok,
@@ -236,7 +270,10 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
         }
         Some(view) if !same_holder => {
             let next = transitions.saturating_add(1);
-            decision.lease = LeaseWrite::Transfer { holder: target_holder.clone(), transitions: next };
+            decision.lease = LeaseWrite::Transfer {
+                holder: target_holder.clone(),
+                transitions: next,
+            };
             decision.epoch = next;
             decision.leader_since = target.map(|_| obs.now);
             decision.handover = Some(Handover {
@@ -251,7 +288,11 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             if target.is_some() {
                 let (write, requeue) = renewal(view, spec.lease_duration_seconds, obs.now);
                 // A Lease from before holder UIDs were recorded gets one on its next renewal.
-                decision.lease = if view.holder_uid.is_none() { LeaseWrite::Renew } else { write };
+                decision.lease = if view.holder_uid.is_none() {
+                    LeaseWrite::Renew
+                } else {
+                    write
+                };
                 decision.requeue_after = requeue;
             }
         }
@@ -259,7 +300,8 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     if target.is_none() {
         decision.outcome = Outcome::NoEligibleMembers;
         // Nobody to renew for; look again within one TTL in case an event was missed.
-        decision.requeue_after = Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
+        decision.requeue_after =
+            Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
     }
     decision.leader = target_holder;
     decision.labels = label_writes(obs, target.map(|m| m.name.as_str()), decision.epoch);
@@ -314,7 +356,12 @@ pub fn rank<'m>(eligible: &[&'m Member], preferred: Option<&str>) -> Option<&'m 
     })
 }
 
-fn loss_reason(view: &LeaseView, holder: Option<&Member>, obs: &Observation<'_>, switchover: bool) -> String {
+fn loss_reason(
+    view: &LeaseView,
+    holder: Option<&Member>,
+    obs: &Observation<'_>,
+    switchover: bool,
+) -> String {
     let Some(name) = view.holder.as_deref() else {
         return "NoLeader".into();
     };
@@ -340,15 +387,27 @@ fn loss_reason(view: &LeaseView, holder: Option<&Member>, obs: &Observation<'_>,
 fn label_writes(obs: &Observation<'_>, leader: Option<&str>, epoch: i32) -> Vec<LabelWrite> {
     let is_leader_label = |m: &Member| m.role.as_deref() == Some(ROLE_LEADER);
     let mut writes = Vec::new();
-    for m in obs.members.iter().filter(|m| is_leader_label(m) && Some(m.name.as_str()) != leader) {
-        writes.push(LabelWrite::Demote { pod: m.name.clone(), resource_version: m.resource_version.clone() });
+    for m in obs
+        .members
+        .iter()
+        .filter(|m| is_leader_label(m) && Some(m.name.as_str()) != leader)
+    {
+        writes.push(LabelWrite::Demote {
+            pod: m.name.clone(),
+            resource_version: m.resource_version.clone(),
+        });
     }
     for s in obs.strays.iter().filter(|s| is_leader_label(s)) {
-        writes.push(LabelWrite::Strip { pod: s.name.clone(), resource_version: s.resource_version.clone() });
+        writes.push(LabelWrite::Strip {
+            pod: s.name.clone(),
+            resource_version: s.resource_version.clone(),
+        });
     }
     if let Some(m) = leader.and_then(|name| obs.members.iter().find(|m| m.name == name)) {
         let epoch_text = epoch.to_string();
-        if !is_leader_label(m) || m.epoch.as_deref() != Some(epoch_text.as_str()) || m.group.as_deref() != Some(obs.group)
+        if !is_leader_label(m)
+            || m.epoch.as_deref() != Some(epoch_text.as_str())
+            || m.group.as_deref() != Some(obs.group)
         {
             writes.push(LabelWrite::Promote {
                 pod: m.name.clone(),
@@ -361,25 +420,39 @@ fn label_writes(obs: &Observation<'_>, leader: Option<&str>, epoch: i32) -> Vec<
         let needs_follow = Some(m.name.as_str()) != leader
             && !is_leader_label(m)
             && m.eligibility != Eligibility::Terminating
-            && (m.role.as_deref() != Some(ROLE_FOLLOWER) || m.group.as_deref() != Some(obs.group) || m.epoch.is_some());
+            && (m.role.as_deref() != Some(ROLE_FOLLOWER)
+                || m.group.as_deref() != Some(obs.group)
+                || m.epoch.is_some());
         if needs_follow {
-            writes.push(LabelWrite::Follow { pod: m.name.clone(), resource_version: m.resource_version.clone() });
+            writes.push(LabelWrite::Follow {
+                pod: m.name.clone(),
+                resource_version: m.resource_version.clone(),
+            });
         }
     }
     for s in obs.strays.iter().filter(|s| !is_leader_label(s)) {
-        writes.push(LabelWrite::Strip { pod: s.name.clone(), resource_version: s.resource_version.clone() });
+        writes.push(LabelWrite::Strip {
+            pod: s.name.clone(),
+            resource_version: s.resource_version.clone(),
+        });
     }
     writes
 }
 
 /// Label writes that remove every trace of podium from a deleted group's pods.
 pub fn cleanup_writes(pods: &[Member]) -> Vec<LabelWrite> {
-    let mut ordered: Vec<&Member> = pods.iter().filter(|m| m.role.is_some() || m.epoch.is_some() || m.group.is_some()).collect();
+    let mut ordered: Vec<&Member> = pods
+        .iter()
+        .filter(|m| m.role.is_some() || m.epoch.is_some() || m.group.is_some())
+        .collect();
     // Leaders first, so no moment shows a follower stripped while a leader label lingers elsewhere.
     ordered.sort_by_key(|m| m.role.as_deref() != Some(ROLE_LEADER));
     ordered
         .into_iter()
-        .map(|m| LabelWrite::Strip { pod: m.name.clone(), resource_version: m.resource_version.clone() })
+        .map(|m| LabelWrite::Strip {
+            pod: m.name.clone(),
+            resource_version: m.resource_version.clone(),
+        })
         .collect()
 }
 

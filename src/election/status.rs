@@ -21,7 +21,9 @@ pub fn from_decision(
     let leader = decision.leader.as_ref().filter(|h| !h.name.is_empty());
     let mut conds = Vec::new();
     let mut set = |type_: &str, status: bool, reason: &str, message: String| {
-        conds.push(condition(previous, type_, status, reason, message, generation, now));
+        conds.push(condition(
+            previous, type_, status, reason, message, generation, now,
+        ));
     };
     match leader {
         Some(h) => set(
@@ -30,7 +32,12 @@ pub fn from_decision(
             reasons::ELECTED,
             format!("pod {} leads at epoch {}", h.name, decision.epoch),
         ),
-        None => set(conditions::LEADER_ELECTED, false, reasons::NO_LEADER, "no pod leads".into()),
+        None => set(
+            conditions::LEADER_ELECTED,
+            false,
+            reasons::NO_LEADER,
+            "no pod leads".into(),
+        ),
     }
     if decision.eligible == 0 && decision.outcome != Outcome::Paused {
         set(
@@ -44,7 +51,10 @@ pub fn from_decision(
             conditions::NO_ELIGIBLE_MEMBERS,
             false,
             reasons::SOME_ELIGIBLE,
-            format!("{} of {} members are eligible", decision.eligible, decision.members),
+            format!(
+                "{} of {} members are eligible",
+                decision.eligible, decision.members
+            ),
         );
     }
     match (&decision.outcome, overlaps.is_empty()) {
@@ -52,10 +62,22 @@ pub fn from_decision(
             conditions::CONFLICT,
             true,
             reasons::LEASE_NOT_OWNED,
-            format!("a Lease with this group's name already exists and is not owned by podium ({owner}); podium will not touch it: rename the group or delete that Lease"),
+            format!(
+                "a Lease with this group's name already exists and is not owned by podium ({owner}); podium will not touch it: rename the group or delete that Lease"
+            ),
         ),
-        (_, false) => set(conditions::CONFLICT, true, reasons::OVERLAPPING_GROUP, overlap_message(overlaps)),
-        (_, true) => set(conditions::CONFLICT, false, reasons::NO_CONFLICT, "no conflict".into()),
+        (_, false) => set(
+            conditions::CONFLICT,
+            true,
+            reasons::OVERLAPPING_GROUP,
+            overlap_message(overlaps),
+        ),
+        (_, true) => set(
+            conditions::CONFLICT,
+            false,
+            reasons::NO_CONFLICT,
+            "no conflict".into(),
+        ),
     }
     if decision.outcome == Outcome::Paused {
         set(
@@ -65,15 +87,33 @@ pub fn from_decision(
             "spec.paused is true: the Lease is renewed for its holder, nobody new is elected and no labels change".into(),
         );
     } else {
-        set(conditions::PAUSED, false, reasons::ACTIVE, "elections are running".into());
+        set(
+            conditions::PAUSED,
+            false,
+            reasons::ACTIVE,
+            "elections are running".into(),
+        );
     }
-    set(conditions::INVALID_SPEC, false, reasons::VALID, "spec is valid".into());
+    set(
+        conditions::INVALID_SPEC,
+        false,
+        reasons::VALID,
+        "spec is valid".into(),
+    );
     let degraded = !decision.warnings.is_empty();
     set(
         conditions::DEGRADED,
         degraded,
-        if degraded { reasons::INVALID } else { reasons::HEALTHY },
-        if degraded { decision.warnings.join("; ") } else { "no problems seen".into() },
+        if degraded {
+            reasons::INVALID
+        } else {
+            reasons::HEALTHY
+        },
+        if degraded {
+            decision.warnings.join("; ")
+        } else {
+            "no problems seen".into()
+        },
     );
 
     ElectionGroupStatus {
@@ -98,8 +138,18 @@ pub fn invalid(
 ) -> ElectionGroupStatus {
     let mut status = previous.cloned().unwrap_or_default();
     let message = format!("spec is invalid: {}", problems.join("; "));
-    let invalid = condition(previous, conditions::INVALID_SPEC, true, reasons::INVALID, message, generation, now);
-    status.conditions.retain(|c| c.type_ != conditions::INVALID_SPEC);
+    let invalid = condition(
+        previous,
+        conditions::INVALID_SPEC,
+        true,
+        reasons::INVALID,
+        message,
+        generation,
+        now,
+    );
+    status
+        .conditions
+        .retain(|c| c.type_ != conditions::INVALID_SPEC);
     status.conditions.push(invalid);
     status.observed_generation = generation;
     status
@@ -114,7 +164,11 @@ fn condition(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Condition {
-    let status = if status { conditions::TRUE } else { conditions::FALSE };
+    let status = if status {
+        conditions::TRUE
+    } else {
+        conditions::FALSE
+    };
     // The transition time moves only when the status does, as the API conventions ask.
     let last_transition_time = previous
         .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
@@ -142,9 +196,16 @@ fn no_eligible_message(decision: &Decision) -> String {
         .map(|(name, reason)| format!("{name}: {reason}"))
         .collect();
     if decision.ineligible.len() > MAX_NAMES_IN_MESSAGE {
-        parts.push(format!("and {} more", decision.ineligible.len() - MAX_NAMES_IN_MESSAGE));
+        parts.push(format!(
+            "and {} more",
+            decision.ineligible.len() - MAX_NAMES_IN_MESSAGE
+        ));
     }
-    format!("none of {} members is eligible ({})", decision.members, parts.join(", "))
+    format!(
+        "none of {} members is eligible ({})",
+        decision.members,
+        parts.join(", ")
+    )
 }
 
 fn overlap_message(overlaps: &[Overlap]) -> String {
@@ -154,9 +215,15 @@ fn overlap_message(overlaps: &[Overlap]) -> String {
         .map(|o| format!("pod {} belongs to older group {}", o.pod, o.other_group))
         .collect();
     if overlaps.len() > MAX_NAMES_IN_MESSAGE {
-        parts.push(format!("and {} more", overlaps.len() - MAX_NAMES_IN_MESSAGE));
+        parts.push(format!(
+            "and {} more",
+            overlaps.len() - MAX_NAMES_IN_MESSAGE
+        ));
     }
-    format!("the selector overlaps an older group; those pods are left alone: {}", parts.join(", "))
+    format!(
+        "the selector overlaps an older group; those pods are left alone: {}",
+        parts.join(", ")
+    )
 }
 
 /// Whether two statuses differ in anything but condition timestamps, so an unchanged status

@@ -56,28 +56,65 @@ fn lease(holder: Option<&str>, transitions: i32, renewed: i64) -> LeaseState {
     })
 }
 
-fn observe<'a>(spec: &'a ElectionGroupSpec, members: Vec<Member>, lease: LeaseState, now: i64) -> Observation<'a> {
-    Observation { now: t(now), group: GROUP, spec, members, strays: vec![], lease, overlaps: vec![] }
+fn observe<'a>(
+    spec: &'a ElectionGroupSpec,
+    members: Vec<Member>,
+    lease: LeaseState,
+    now: i64,
+) -> Observation<'a> {
+    Observation {
+        now: t(now),
+        group: GROUP,
+        spec,
+        members,
+        strays: vec![],
+        lease,
+        overlaps: vec![],
+    }
 }
 
 fn promote(pod: &str, epoch: i32) -> LabelWrite {
-    LabelWrite::Promote { pod: pod.into(), resource_version: format!("rv-{pod}"), epoch }
+    LabelWrite::Promote {
+        pod: pod.into(),
+        resource_version: format!("rv-{pod}"),
+        epoch,
+    }
 }
 fn demote(pod: &str) -> LabelWrite {
-    LabelWrite::Demote { pod: pod.into(), resource_version: format!("rv-{pod}") }
+    LabelWrite::Demote {
+        pod: pod.into(),
+        resource_version: format!("rv-{pod}"),
+    }
 }
 fn follow(pod: &str) -> LabelWrite {
-    LabelWrite::Follow { pod: pod.into(), resource_version: format!("rv-{pod}") }
+    LabelWrite::Follow {
+        pod: pod.into(),
+        resource_version: format!("rv-{pod}"),
+    }
 }
 fn holder(name: &str) -> Option<Holder> {
-    Some(Holder { name: name.into(), uid: format!("uid-{name}") })
+    Some(Holder {
+        name: name.into(),
+        uid: format!("uid-{name}"),
+    })
 }
 
 #[test]
 fn first_election_creates_the_lease_for_the_longest_ready_pod() {
     let s = spec();
-    let d = decide(&observe(&s, vec![member("b", 5), member("a", 9), member("c", 1)], LeaseState::Absent, 20));
-    assert_eq!(d.lease, LeaseWrite::Create { holder: holder("c"), transitions: 1 });
+    let d = decide(&observe(
+        &s,
+        vec![member("b", 5), member("a", 9), member("c", 1)],
+        LeaseState::Absent,
+        20,
+    ));
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Create {
+            holder: holder("c"),
+            transitions: 1
+        }
+    );
     assert_eq!(d.epoch, 1);
     assert_eq!(d.labels, vec![promote("c", 1), follow("b"), follow("a")]);
     assert_eq!(d.outcome, Outcome::Led);
@@ -87,7 +124,10 @@ fn first_election_creates_the_lease_for_the_longest_ready_pod() {
 #[test]
 fn a_healthy_holder_is_kept_without_writes_until_renewal_is_due() {
     let s = spec();
-    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(4)), labelled(member("b", 0), ROLE_FOLLOWER, None)];
+    let members = vec![
+        labelled(member("a", 0), ROLE_LEADER, Some(4)),
+        labelled(member("b", 0), ROLE_FOLLOWER, None),
+    ];
     let d = decide(&observe(&s, members.clone(), lease(Some("a"), 4, 100), 102));
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert!(d.labels.is_empty(), "{:?}", d.labels);
@@ -100,7 +140,10 @@ fn a_healthy_holder_is_kept_without_writes_until_renewal_is_due() {
 #[test]
 fn an_expired_lease_with_an_eligible_holder_is_renewed_not_failed_over() {
     let s = spec();
-    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(4)), labelled(member("b", 0), ROLE_FOLLOWER, None)];
+    let members = vec![
+        labelled(member("a", 0), ROLE_LEADER, Some(4)),
+        labelled(member("b", 0), ROLE_FOLLOWER, None),
+    ];
     let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 500));
     assert_eq!(d.lease, LeaseWrite::Renew);
     assert_eq!(d.epoch, 4);
@@ -112,11 +155,24 @@ fn terminating_holder_fails_over_break_before_make() {
     let s = spec();
     let mut a = labelled(member("a", 0), ROLE_LEADER, Some(4));
     a.eligibility = Eligibility::Terminating;
-    let members = vec![a, labelled(member("b", 3), ROLE_FOLLOWER, None), labelled(member("c", 2), ROLE_FOLLOWER, None)];
+    let members = vec![
+        a,
+        labelled(member("b", 3), ROLE_FOLLOWER, None),
+        labelled(member("c", 2), ROLE_FOLLOWER, None),
+    ];
     let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 101));
-    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("c"), transitions: 5 });
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Transfer {
+            holder: holder("c"),
+            transitions: 5
+        }
+    );
     assert_eq!(d.labels, vec![demote("a"), promote("c", 5)]);
-    assert_eq!(d.handover.as_ref().map(|h| h.reason.as_str()), Some("PodTerminating"));
+    assert_eq!(
+        d.handover.as_ref().map(|h| h.reason.as_str()),
+        Some("PodTerminating")
+    );
 }
 
 #[test]
@@ -124,19 +180,37 @@ fn deleted_holder_fails_over_with_reason() {
     let s = spec();
     let members = vec![labelled(member("b", 3), ROLE_FOLLOWER, None)];
     let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 101));
-    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("b"), transitions: 5 });
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Transfer {
+            holder: holder("b"),
+            transitions: 5
+        }
+    );
     assert_eq!(d.labels, vec![promote("b", 5)]);
     let h = d.handover.unwrap();
-    assert_eq!((h.from.as_deref(), h.to.as_deref(), h.reason.as_str()), (Some("a"), Some("b"), "PodDeleted"));
+    assert_eq!(
+        (h.from.as_deref(), h.to.as_deref(), h.reason.as_str()),
+        (Some("a"), Some("b"), "PodDeleted")
+    );
 }
 
 #[test]
 fn not_ready_holder_and_node_not_ready_holder_fail_over() {
     let s = spec();
-    for why in [Eligibility::NotReady, Eligibility::NodeNotReady, Eligibility::NotRunning] {
+    for why in [
+        Eligibility::NotReady,
+        Eligibility::NodeNotReady,
+        Eligibility::NotRunning,
+    ] {
         let mut a = labelled(member("a", 0), ROLE_LEADER, Some(1));
         a.eligibility = why.clone();
-        let d = decide(&observe(&s, vec![a, member("b", 1)], lease(Some("a"), 1, 100), 101));
+        let d = decide(&observe(
+            &s,
+            vec![a, member("b", 1)],
+            lease(Some("a"), 1, 100),
+            101,
+        ));
         assert_eq!(d.leader, holder("b"), "{why:?}");
         assert_eq!(d.labels[0], demote("a"));
         assert_eq!(d.handover.unwrap().reason, why.reason());
@@ -151,13 +225,30 @@ fn nobody_eligible_clears_the_holder_and_every_leader_label() {
     let mut b = member("b", 0);
     b.eligibility = Eligibility::NotRunning;
     let d = decide(&observe(&s, vec![a, b], lease(Some("a"), 2, 100), 101));
-    assert_eq!(d.lease, LeaseWrite::Transfer { holder: None, transitions: 3 });
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Transfer {
+            holder: None,
+            transitions: 3
+        }
+    );
     assert_eq!(d.outcome, Outcome::NoEligibleMembers);
     assert_eq!(d.leader, None);
     assert_eq!(d.labels, vec![demote("a"), follow("b")]);
     // And once someone is eligible again, it is elected at the next epoch.
-    let d = decide(&observe(&s, vec![member("b", 200)], lease(None, 3, 101), 300));
-    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("b"), transitions: 4 });
+    let d = decide(&observe(
+        &s,
+        vec![member("b", 200)],
+        lease(None, 3, 101),
+        300,
+    ));
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Transfer {
+            holder: holder("b"),
+            transitions: 4
+        }
+    );
 }
 
 #[test]
@@ -165,7 +256,12 @@ fn an_empty_lease_with_nobody_eligible_is_left_alone() {
     let s = spec();
     let mut b = member("b", 0);
     b.eligibility = Eligibility::NotReady;
-    let d = decide(&observe(&s, vec![labelled(b, ROLE_FOLLOWER, None)], lease(None, 3, 100), 500));
+    let d = decide(&observe(
+        &s,
+        vec![labelled(b, ROLE_FOLLOWER, None)],
+        lease(None, 3, 100),
+        500,
+    ));
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert!(d.labels.is_empty());
     assert_eq!(d.requeue_after, Duration::from_secs(10));
@@ -177,7 +273,16 @@ fn paused_renews_the_holder_even_if_ineligible_and_changes_no_label() {
     s.paused = true;
     let mut a = labelled(member("a", 0), ROLE_LEADER, Some(2));
     a.eligibility = Eligibility::NotReady;
-    let d = decide(&observe(&s, vec![a, member("b", 0), labelled(member("c", 0), ROLE_LEADER, None)], lease(Some("a"), 2, 100), 106));
+    let d = decide(&observe(
+        &s,
+        vec![
+            a,
+            member("b", 0),
+            labelled(member("c", 0), ROLE_LEADER, None),
+        ],
+        lease(Some("a"), 2, 100),
+        106,
+    ));
     assert_eq!(d.lease, LeaseWrite::Renew);
     assert!(d.labels.is_empty());
     assert_eq!(d.outcome, Outcome::Paused);
@@ -191,9 +296,18 @@ fn paused_renews_the_holder_even_if_ineligible_and_changes_no_label() {
 fn preferred_leader_takes_over_when_eligible_and_only_then() {
     let mut s = spec();
     s.preferred_leader = Some("b".into());
-    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(2)), labelled(member("b", 50), ROLE_FOLLOWER, None)];
+    let members = vec![
+        labelled(member("a", 0), ROLE_LEADER, Some(2)),
+        labelled(member("b", 50), ROLE_FOLLOWER, None),
+    ];
     let d = decide(&observe(&s, members.clone(), lease(Some("a"), 2, 100), 101));
-    assert_eq!(d.lease, LeaseWrite::Transfer { holder: holder("b"), transitions: 3 });
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Transfer {
+            holder: holder("b"),
+            transitions: 3
+        }
+    );
     assert_eq!(d.labels, vec![demote("a"), promote("b", 3)]);
     assert_eq!(d.handover.unwrap().reason, "Switchover");
 
@@ -208,7 +322,10 @@ fn preferred_leader_takes_over_when_eligible_and_only_then() {
 fn a_returning_pod_does_not_take_leadership_back() {
     let s = spec();
     // "a" was leader, failed over to "b", and is Ready again (and was Ready earlier than b).
-    let members = vec![labelled(member("a", 1), ROLE_FOLLOWER, None), labelled(member("b", 50), ROLE_LEADER, Some(3))];
+    let members = vec![
+        labelled(member("a", 1), ROLE_FOLLOWER, None),
+        labelled(member("b", 50), ROLE_LEADER, Some(3)),
+    ];
     let d = decide(&observe(&s, members, lease(Some("b"), 3, 100), 101));
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert_eq!(d.leader, holder("b"));
@@ -218,7 +335,10 @@ fn a_returning_pod_does_not_take_leadership_back() {
 #[test]
 fn a_hand_labelled_second_leader_is_demoted_and_the_holder_keeps_its_label() {
     let s = spec();
-    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(2)), labelled(member("b", 0), ROLE_LEADER, None)];
+    let members = vec![
+        labelled(member("a", 0), ROLE_LEADER, Some(2)),
+        labelled(member("b", 0), ROLE_LEADER, None),
+    ];
     let d = decide(&observe(&s, members, lease(Some("a"), 2, 100), 101));
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert_eq!(d.labels, vec![demote("b")]);
@@ -228,7 +348,10 @@ fn a_hand_labelled_second_leader_is_demoted_and_the_holder_keeps_its_label() {
 fn after_a_crash_labels_converge_from_the_lease_stripping_first() {
     let s = spec();
     // The Lease names b at epoch 5, but the crash happened before a was unlabelled.
-    let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(4)), labelled(member("b", 0), ROLE_FOLLOWER, None)];
+    let members = vec![
+        labelled(member("a", 0), ROLE_LEADER, Some(4)),
+        labelled(member("b", 0), ROLE_FOLLOWER, None),
+    ];
     let d = decide(&observe(&s, members, lease(Some("b"), 5, 100), 101));
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert_eq!(d.labels, vec![demote("a"), promote("b", 5)]);
@@ -241,7 +364,12 @@ fn priority_beats_readiness_age_and_bad_priorities_are_reported() {
     young.priority = Some(10);
     let mut bad = member("bad", 0);
     bad.invalid_priority = Some("high".into());
-    let d = decide(&observe(&s, vec![member("old", 1), young, bad], LeaseState::Absent, 100));
+    let d = decide(&observe(
+        &s,
+        vec![member("old", 1), young, bad],
+        LeaseState::Absent,
+        100,
+    ));
     assert_eq!(d.leader, holder("young"));
     assert_eq!(d.warnings.len(), 1);
     assert!(d.warnings[0].contains("bad") && d.warnings[0].contains("high"));
@@ -250,7 +378,12 @@ fn priority_beats_readiness_age_and_bad_priorities_are_reported() {
 #[test]
 fn ties_break_by_name() {
     let s = spec();
-    let d = decide(&observe(&s, vec![member("b", 5), member("a", 5)], LeaseState::Absent, 100));
+    let d = decide(&observe(
+        &s,
+        vec![member("b", 5), member("a", 5)],
+        LeaseState::Absent,
+        100,
+    ));
     assert_eq!(d.leader, holder("a"));
 }
 
@@ -260,7 +393,16 @@ fn a_recreated_pod_with_the_holders_name_is_a_new_term() {
     let mut a = member("a", 90);
     a.uid = "uid-a-2".into();
     let d = decide(&observe(&s, vec![a], lease(Some("a"), 7, 100), 101));
-    assert_eq!(d.lease, LeaseWrite::Transfer { holder: Some(Holder { name: "a".into(), uid: "uid-a-2".into() }), transitions: 8 });
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Transfer {
+            holder: Some(Holder {
+                name: "a".into(),
+                uid: "uid-a-2".into()
+            }),
+            transitions: 8
+        }
+    );
     assert_eq!(d.handover.unwrap().reason, "PodReplaced");
 }
 
@@ -268,25 +410,46 @@ fn a_recreated_pod_with_the_holders_name_is_a_new_term() {
 fn a_foreign_lease_is_never_touched() {
     let s = spec();
     let members = vec![labelled(member("a", 0), ROLE_LEADER, Some(1))];
-    let d = decide(&observe(&s, members, LeaseState::Foreign { owner: "someone".into() }, 101));
+    let d = decide(&observe(
+        &s,
+        members,
+        LeaseState::Foreign {
+            owner: "someone".into(),
+        },
+        101,
+    ));
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert!(d.labels.is_empty());
-    assert_eq!(d.outcome, Outcome::LeaseConflict { owner: "someone".into() });
+    assert_eq!(
+        d.outcome,
+        Outcome::LeaseConflict {
+            owner: "someone".into()
+        }
+    );
 }
 
 #[test]
 fn a_stray_leader_is_stripped_before_anyone_is_promoted() {
     let s = spec();
     let mut obs = observe(&s, vec![member("b", 0)], lease(Some("a"), 1, 100), 101);
-    obs.strays = vec![labelled(member("a", 0), ROLE_LEADER, Some(1)), labelled(member("z", 0), ROLE_FOLLOWER, None)];
+    obs.strays = vec![
+        labelled(member("a", 0), ROLE_LEADER, Some(1)),
+        labelled(member("z", 0), ROLE_FOLLOWER, None),
+    ];
     let d = decide(&obs);
     assert_eq!(d.handover.as_ref().unwrap().reason, "NoLongerSelected");
     assert_eq!(
         d.labels,
         vec![
-            LabelWrite::Strip { pod: "a".into(), resource_version: "rv-a".into() },
+            LabelWrite::Strip {
+                pod: "a".into(),
+                resource_version: "rv-a".into()
+            },
             promote("b", 2),
-            LabelWrite::Strip { pod: "z".into(), resource_version: "rv-z".into() },
+            LabelWrite::Strip {
+                pod: "z".into(),
+                resource_version: "rv-z".into()
+            },
         ]
     );
 }
@@ -296,9 +459,17 @@ fn min_ready_seconds_requeues_when_the_first_member_qualifies() {
     let mut s = spec();
     s.min_ready_seconds = 30;
     let mut a = member("a", 0);
-    a.eligibility = Eligibility::ReadyTooShort { remaining: Duration::from_millis(2500) };
+    a.eligibility = Eligibility::ReadyTooShort {
+        remaining: Duration::from_millis(2500),
+    };
     let d = decide(&observe(&s, vec![a], LeaseState::Absent, 10));
-    assert_eq!(d.lease, LeaseWrite::Create { holder: None, transitions: 0 });
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Create {
+            holder: None,
+            transitions: 0
+        }
+    );
     assert_eq!(d.requeue_after, Duration::from_millis(2500));
 }
 
@@ -313,7 +484,11 @@ fn a_ttl_change_is_written_at_once() {
 
 #[test]
 fn cleanup_strips_leaders_first_and_skips_untouched_pods() {
-    let pods = vec![labelled(member("f", 0), ROLE_FOLLOWER, None), member("plain", 0), labelled(member("l", 0), ROLE_LEADER, Some(3))];
+    let pods = vec![
+        labelled(member("f", 0), ROLE_FOLLOWER, None),
+        member("plain", 0),
+        labelled(member("l", 0), ROLE_LEADER, Some(3)),
+    ];
     let writes = cleanup_writes(&pods);
     let names: Vec<&str> = writes.iter().map(LabelWrite::pod).collect();
     assert_eq!(names, vec!["l", "f"]);
@@ -322,12 +497,24 @@ fn cleanup_strips_leaders_first_and_skips_untouched_pods() {
 #[test]
 fn status_reports_leader_and_conditions() {
     let s = spec();
-    let d = decide(&observe(&s, vec![member("a", 0), member("b", 0)], LeaseState::Absent, 100));
+    let d = decide(&observe(
+        &s,
+        vec![member("a", 0), member("b", 0)],
+        LeaseState::Absent,
+        100,
+    ));
     let st = status::from_decision(None, &d, &[], Some(3), t(100));
     assert_eq!(st.leader.as_deref(), Some("a"));
     assert_eq!(st.epoch, Some(1));
     assert_eq!(st.eligible.as_deref(), Some("2/2"));
-    let cond = |ty: &str| st.conditions.iter().find(|c| c.type_ == ty).unwrap().status.clone();
+    let cond = |ty: &str| {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == ty)
+            .unwrap()
+            .status
+            .clone()
+    };
     assert_eq!(cond("LeaderElected"), "True");
     assert_eq!(cond("NoEligibleMembers"), "False");
     assert_eq!(cond("Conflict"), "False");
@@ -340,14 +527,35 @@ fn status_reports_leader_and_conditions() {
 #[test]
 fn status_names_overlaps_and_the_foreign_lease() {
     let s = spec();
-    let d = decide(&observe(&s, vec![], LeaseState::Foreign { owner: "holder x".into() }, 100));
+    let d = decide(&observe(
+        &s,
+        vec![],
+        LeaseState::Foreign {
+            owner: "holder x".into(),
+        },
+        100,
+    ));
     let st = status::from_decision(None, &d, &[], None, t(100));
-    let conflict = st.conditions.iter().find(|c| c.type_ == "Conflict").unwrap();
-    assert_eq!((conflict.status.as_str(), conflict.reason.as_str()), ("True", "LeaseNotOwned"));
-    let overlaps = vec![Overlap { pod: "p".into(), other_group: "older".into() }];
+    let conflict = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Conflict")
+        .unwrap();
+    assert_eq!(
+        (conflict.status.as_str(), conflict.reason.as_str()),
+        ("True", "LeaseNotOwned")
+    );
+    let overlaps = vec![Overlap {
+        pod: "p".into(),
+        other_group: "older".into(),
+    }];
     let d = decide(&observe(&s, vec![], LeaseState::Absent, 100));
     let st = status::from_decision(None, &d, &overlaps, None, t(100));
-    let conflict = st.conditions.iter().find(|c| c.type_ == "Conflict").unwrap();
+    let conflict = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Conflict")
+        .unwrap();
     assert!(conflict.message.contains("older"), "{}", conflict.message);
 }
 
@@ -368,7 +576,10 @@ fn arb_member(i: usize) -> impl Strategy<Value = Member> {
         arb_eligibility(),
         0i64..50,
         prop::option::of(-3i64..3),
-        prop::option::of(prop_oneof![Just(ROLE_LEADER.to_string()), Just(ROLE_FOLLOWER.to_string())]),
+        prop::option::of(prop_oneof![
+            Just(ROLE_LEADER.to_string()),
+            Just(ROLE_FOLLOWER.to_string())
+        ]),
         prop::option::of(0i32..6),
     )
         .prop_map(move |(eligibility, ready, priority, role, epoch)| {
@@ -382,7 +593,16 @@ fn arb_member(i: usize) -> impl Strategy<Value = Member> {
         })
 }
 
-fn arb_observation() -> impl Strategy<Value = (Vec<Member>, Vec<Member>, LeaseState, bool, Option<usize>, i64)> {
+fn arb_observation() -> impl Strategy<
+    Value = (
+        Vec<Member>,
+        Vec<Member>,
+        LeaseState,
+        bool,
+        Option<usize>,
+        i64,
+    ),
+> {
     (
         (0usize..6).prop_flat_map(|n| (0..n).map(arb_member).collect::<Vec<_>>()),
         prop::collection::vec(arb_member(99), 0..2),
@@ -468,5 +688,8 @@ proptest! {
 
 /// Property-test cases per property: enough to matter in CI, more with PODIUM_PROPTEST_CASES.
 pub(crate) fn cases() -> u32 {
-    std::env::var("PODIUM_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+    std::env::var("PODIUM_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
 }

@@ -1,0 +1,225 @@
+//! Wires the watches to the reconciler. Pods, Nodes and Leases are watched once into shared
+//! caches; their events are mapped to the groups they concern, so a leader's deletion or
+//! NotReady triggers that group's reconcile at once instead of waiting for the TTL.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::{Future, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+
+use crate::crd::{ElectionGroup, GROUP_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, error_policy, reconcile};
+use crate::{FIELD_MANAGER, election, selector};
+
+pub struct Options {
+    /// Watch one namespace instead of the whole cluster.
+    pub namespace: Option<String>,
+    /// Whether Nodes may be read; without it a pod's node readiness is not considered.
+    pub watch_nodes: bool,
+}
+
+/// Runs the controller until `shutdown` resolves. `leading` gates every write; the caches
+/// fill regardless, so a standby that becomes leader acts immediately.
+pub async fn run(
+    client: Client,
+    options: Options,
+    metrics: Arc<Metrics>,
+    leading: watch::Receiver<bool>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api = |client: &Client| -> (Api<ElectionGroup>, Api<Pod>, Api<Lease>) {
+        match &options.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        }
+    };
+    let (groups_api, pods_api, leases_api) = api(&client);
+
+    let (groups, group_writer) = reflector::store();
+    let group_stream = watcher(groups_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|g: &mut ElectionGroup| g.managed_fields_mut().clear())
+        .reflect(group_writer)
+        .applied_objects();
+
+    let (pods, pod_writer) = reflector::store();
+    let pod_stream = watcher(pods_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        // Managed fields are most of a pod's bytes and podium never reads them.
+        .modify(|p: &mut Pod| p.managed_fields_mut().clear())
+        .reflect(pod_writer)
+        .touched_objects();
+
+    let (leases, lease_writer) = reflector::store();
+    let lease_config = watcher::Config::default()
+        .any_semantic()
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let lease_stream = watcher(leases_api, lease_config)
+        .default_backoff()
+        .modify(|l: &mut Lease| l.managed_fields_mut().clear())
+        .reflect(lease_writer)
+        .touched_objects()
+        // Our own renewals change only renewTime; only a change of holder, epoch or TTL (a human
+        // edit) needs a reconcile.
+        .predicate_filter(lease_identity, PredicateConfig::default());
+
+    let (nodes, node_stream) = if options.watch_nodes {
+        let (nodes, node_writer) = reflector::store();
+        let stream = watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .modify(|n: &mut Node| n.managed_fields_mut().clear())
+        .reflect(node_writer)
+        .touched_objects()
+        // Nodes heartbeat constantly; only readiness matters to an election.
+        .predicate_filter(node_readiness, PredicateConfig::default());
+        (Some(nodes), Some(stream))
+    } else {
+        (None, None)
+    };
+
+    tokio::spawn(mark_ready_when_synced(
+        groups.clone(),
+        pods.clone(),
+        leases.clone(),
+        nodes.clone(),
+        ready,
+    ));
+
+    // Gaining operator leadership reconciles every group at once.
+    let gained = WatchStream::new(leading.clone()).filter_map(|l| async move { l.then_some(()) });
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        groups: groups.clone(),
+        pods: pods.clone(),
+        nodes: nodes.clone(),
+        leases,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        metrics,
+        leading,
+        failovers: Default::default(),
+    });
+
+    let groups_for_pods = groups.clone();
+    let mut controller = Controller::for_stream(group_stream, groups.clone())
+        .watches_stream(pod_stream, move |pod: Pod| {
+            groups_of_pod(&groups_for_pods, &pod)
+        })
+        .owns_stream(lease_stream)
+        .reconcile_all_on(gained)
+        .graceful_shutdown_on(shutdown);
+    if let (Some(node_stream), Some(_)) = (node_stream, &nodes) {
+        let groups_for_nodes = groups.clone();
+        let pods_for_nodes = pods.clone();
+        controller = controller.watches_stream(node_stream, move |node: Node| {
+            let name = node.name_any();
+            pods_for_nodes
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                })
+                .flat_map(|p| groups_of_pod(&groups_for_nodes, p))
+                .collect::<Vec<_>>()
+        });
+    }
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile loop reported");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+}
+
+/// The groups a pod event concerns: those whose selector matches it now, and the one whose
+/// annotation it carries (it may just have stopped matching).
+pub fn groups_of_pod(groups: &Store<ElectionGroup>, pod: &Pod) -> Vec<ObjectRef<ElectionGroup>> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let mut refs: Vec<ObjectRef<ElectionGroup>> = groups
+        .state()
+        .iter()
+        .filter(|g| g.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|g| selector::matches(&g.spec.selector, pod.metadata.labels.as_ref()))
+        .map(|g| ObjectRef::from_obj(g.as_ref()))
+        .collect();
+    if let Some(group) = pod.annotations().get(GROUP_ANNOTATION)
+        && !refs.iter().any(|r| &r.name == group)
+    {
+        refs.push(ObjectRef::new(group).within(&namespace));
+    }
+    refs
+}
+
+fn lease_identity(lease: &Lease) -> Option<u64> {
+    let spec = lease.spec.as_ref()?;
+    let mut h = DefaultHasher::new();
+    (
+        &spec.holder_identity,
+        spec.lease_transitions,
+        spec.lease_duration_seconds,
+        lease.annotations(),
+        lease.labels(),
+    )
+        .hash(&mut h);
+    Some(h.finish())
+}
+
+fn node_readiness(node: &Node) -> Option<u64> {
+    let mut h = DefaultHasher::new();
+    election::node_ready(node).hash(&mut h);
+    Some(h.finish())
+}
+
+async fn mark_ready_when_synced(
+    groups: Store<ElectionGroup>,
+    pods: Store<Pod>,
+    leases: Store<Lease>,
+    nodes: Option<Store<Node>>,
+    ready: Arc<AtomicBool>,
+) {
+    let synced = async {
+        groups.wait_until_ready().await?;
+        pods.wait_until_ready().await?;
+        leases.wait_until_ready().await?;
+        if let Some(nodes) = nodes {
+            nodes.wait_until_ready().await?;
+        }
+        Ok::<_, reflector::store::WriterDropped>(())
+    };
+    if synced.await.is_ok() {
+        tracing::info!("caches synced; ready");
+        ready.store(true, Ordering::Release);
+    }
+}

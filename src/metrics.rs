@@ -1,0 +1,214 @@
+//! Prometheus metrics, served as text on `/metrics`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub namespace: String,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    leader_changes: Family<GroupLabels, Counter>,
+    leaders: Family<GroupLabels, Gauge>,
+    failover_seconds: Histogram,
+    reconcile_seconds: Histogram,
+    reconcile_errors: Family<ErrorLabels, Counter>,
+    groups: Gauge,
+    groups_without_leader: Gauge,
+    is_operator_leader: Gauge,
+    /// Whether each known group has a leader; the two group gauges are derived from it.
+    led: Mutex<HashMap<GroupLabels, bool>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("podium");
+        let leader_changes = Family::<GroupLabels, Counter>::default();
+        registry.register(
+            "leader_changes",
+            "Changes of Lease holder per group",
+            leader_changes.clone(),
+        );
+        let leaders = Family::<GroupLabels, Gauge>::default();
+        registry.register("leaders", "Pods carrying podium.dev/role=leader per group, after the last reconcile (alert if > 1)", leaders.clone());
+        // 1 ms .. ~16 s: a loopback failover takes milliseconds, a stuck one seconds.
+        let failover_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "failover_seconds",
+            "From the moment the old leader was seen ineligible to the new leader label being acknowledged",
+            failover_seconds.clone(),
+        );
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        registry.register(
+            "reconcile_seconds",
+            "Duration of one reconcile of one group",
+            reconcile_seconds.clone(),
+        );
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by error kind",
+            reconcile_errors.clone(),
+        );
+        let groups = Gauge::default();
+        registry.register(
+            "groups",
+            "ElectionGroups this operator manages",
+            groups.clone(),
+        );
+        let groups_without_leader = Gauge::default();
+        registry.register(
+            "groups_without_leader",
+            "ElectionGroups with no leader right now",
+            groups_without_leader.clone(),
+        );
+        let is_operator_leader = Gauge::default();
+        registry.register(
+            "is_operator_leader",
+            "1 when this replica holds the operator Lease and reconciles",
+            is_operator_leader.clone(),
+        );
+        Metrics {
+            registry,
+            leader_changes,
+            leaders,
+            failover_seconds,
+            reconcile_seconds,
+            reconcile_errors,
+            groups,
+            groups_without_leader,
+            is_operator_leader,
+            led: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn leader_changed(&self, namespace: &str, group: &str) {
+        self.leader_changes
+            .get_or_create(&labels(namespace, group))
+            .inc();
+    }
+
+    pub fn failover(&self, took: Duration) {
+        self.failover_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn reconciled(&self, took: Duration) {
+        self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn reconcile_error(&self, kind: &str) {
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn operator_leader(&self, leading: bool) {
+        self.is_operator_leader.set(i64::from(leading));
+    }
+
+    /// Records a group's state after a reconcile.
+    pub fn group_state(
+        &self,
+        namespace: &str,
+        group: &str,
+        has_leader: bool,
+        leader_labels: usize,
+    ) {
+        let key = labels(namespace, group);
+        self.leaders
+            .get_or_create(&key)
+            .set(i64::try_from(leader_labels).unwrap_or(i64::MAX));
+        let mut led = self
+            .led
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        led.insert(key, has_leader);
+        self.publish_group_counts(&led);
+    }
+
+    pub fn group_removed(&self, namespace: &str, group: &str) {
+        let key = labels(namespace, group);
+        self.leaders.remove(&key);
+        self.leader_changes.remove(&key);
+        let mut led = self
+            .led
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        led.remove(&key);
+        self.publish_group_counts(&led);
+    }
+
+    fn publish_group_counts(&self, led: &HashMap<GroupLabels, bool>) {
+        self.groups
+            .set(i64::try_from(led.len()).unwrap_or(i64::MAX));
+        self.groups_without_leader
+            .set(i64::try_from(led.values().filter(|l| !**l).count()).unwrap_or(i64::MAX));
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+fn labels(namespace: &str, group: &str) -> GroupLabels {
+    GroupLabels {
+        namespace: namespace.into(),
+        group: group.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_metric() {
+        let m = Metrics::new();
+        m.leader_changed("ns", "web");
+        m.failover(Duration::from_millis(12));
+        m.reconcile_error("pod_patch");
+        m.group_state("ns", "web", true, 1);
+        m.group_state("ns", "db", false, 0);
+        m.operator_leader(true);
+        let text = m.encode();
+        for needle in [
+            "podium_leader_changes_total{namespace=\"ns\",group=\"web\"} 1",
+            "podium_failover_seconds_count 1",
+            "podium_reconcile_errors_total{kind=\"pod_patch\"} 1",
+            "podium_groups 2",
+            "podium_groups_without_leader 1",
+            "podium_is_operator_leader 1",
+            "podium_leaders{namespace=\"ns\",group=\"web\"} 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        m.group_removed("ns", "db");
+        assert!(m.encode().contains("podium_groups_without_leader 0"));
+    }
+}

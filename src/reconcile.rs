@@ -1,0 +1,453 @@
+//! Reconcile one ElectionGroup: read from the caches, ask the election core, apply its decision
+//! in order (Lease first, then labels break-before-make, then status), and report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::FIELD_MANAGER;
+use crate::crd::{
+    ElectionGroup, ElectionGroupStatus, FINALIZER, GROUP_ANNOTATION, ROLE_LEADER, conditions,
+};
+use crate::election::{
+    self, Decision, LabelWrite, LeaseState, LeaseWrite, Member, Observation, Outcome, Overlap,
+};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::{labels, lease, selector, validate};
+
+/// What every reconcile shares: the client, the watch caches, and the reporting sinks.
+pub struct Context {
+    pub client: Client,
+    pub groups: Store<ElectionGroup>,
+    pub pods: Store<Pod>,
+    /// `None` when the operator may not read Nodes (namespace-scoped RBAC).
+    pub nodes: Option<Store<Node>>,
+    pub leases: Store<Lease>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Whether this replica holds the operator Lease; only the holder writes.
+    pub leading: watch::Receiver<bool>,
+    /// When each group's current failover started, for `podium_failover_seconds`.
+    pub failovers: Mutex<HashMap<(String, String), Instant>>,
+}
+
+pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<Action> {
+    if !*ctx.leading.borrow() {
+        // A standby keeps its caches warm; the trigger fired on gaining leadership brings it here again.
+        return Ok(Action::await_change());
+    }
+    let started = Instant::now();
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let api: Api<ElectionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, group, |event| async {
+        match event {
+            FinalizerEvent::Apply(g) => apply(&g, &ctx).await,
+            FinalizerEvent::Cleanup(g) => cleanup(&g, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(started.elapsed());
+    result
+}
+
+pub fn error_policy(group: Arc<ElectionGroup>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_error(error.kind());
+    let ttl = group.spec.lease_duration_seconds.clamp(2, 3600);
+    if error.is_conflict() {
+        tracing::debug!(group = %group.name_any(), %error, "conflict; retrying from fresh state");
+        return Action::requeue(Duration::from_millis(50));
+    }
+    tracing::warn!(group = %group.name_any(), kind = error.kind(), %error, "reconcile failed");
+    // Retry well inside the renewal window so one failed renewal does not cost the Lease.
+    Action::requeue(election::renew_interval(ttl).min(Duration::from_secs(1)) / 2)
+}
+
+async fn apply(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
+    let now = Timestamp::now();
+    let seen_at = Instant::now();
+    let name = group.name_any();
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let previous = group.status.as_ref();
+
+    if let Err(problems) = validate::validate(&group.spec) {
+        let status = election::status::invalid(previous, &problems, group.metadata.generation, now);
+        if election::status::differs(previous, &status) {
+            publish(
+                ctx,
+                group,
+                EventType::Warning,
+                "InvalidSpec",
+                problems.join("; "),
+            )
+            .await;
+            write_status(ctx, group, &status).await?;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+    let cached_lease = ctx.leases.get(&ObjectRef::new(&name).within(&namespace));
+    // The cache only holds Leases podium labelled; a missing one may exist unlabelled.
+    let read_lease = match cached_lease {
+        Some(l) => Some((*l).clone()),
+        None => lease::get(&lease_api, &name).await?,
+    };
+    let observed = observe(group, ctx, read_lease.as_ref(), &namespace, now);
+    let decision = election::decide(&observed);
+
+    let result = execute(
+        group,
+        ctx,
+        &lease_api,
+        read_lease.as_ref(),
+        &decision,
+        seen_at,
+        now,
+    )
+    .await;
+    if let Err(e) = &result
+        && e.is_forbidden()
+    {
+        // Missing RBAC is a deployment problem the user must fix; say so where they look.
+        let message = format!("podium lacks a permission it needs: {e}");
+        publish(ctx, group, EventType::Warning, "Forbidden", message.clone()).await;
+        let mut status = election::status::from_decision(
+            previous,
+            &decision,
+            &observed.overlaps,
+            group.metadata.generation,
+            now,
+        );
+        set_degraded(&mut status, conditions::reasons::API_ERROR, message, now);
+        let _ = write_status(ctx, group, &status).await;
+    }
+    result?;
+
+    // Leader labels as observed before this reconcile's writes: a hand-made second leader shows
+    // up here (and in the alert) until the next reconcile has removed it.
+    let leader_labels = observed
+        .members
+        .iter()
+        .chain(&observed.strays)
+        .filter(|m| m.role.as_deref() == Some(ROLE_LEADER))
+        .count();
+    ctx.metrics
+        .group_state(&namespace, &name, decision.leader.is_some(), leader_labels);
+    let status = election::status::from_decision(
+        previous,
+        &decision,
+        &observed.overlaps,
+        group.metadata.generation,
+        now,
+    );
+    if election::status::differs(previous, &status) {
+        write_status(ctx, group, &status).await?;
+    }
+    Ok(Action::requeue(decision.requeue_after))
+}
+
+/// Applies a decision in the protocol's order. Any failure stops here: what was written is
+/// durable and consistent (Lease first, labels removed before added), and the next reconcile
+/// converges from the Lease.
+async fn execute(
+    group: &ElectionGroup,
+    ctx: &Context,
+    lease_api: &Api<Lease>,
+    read_lease: Option<&Lease>,
+    decision: &Decision,
+    seen_at: Instant,
+    now: Timestamp,
+) -> Result<()> {
+    let name = group.name_any();
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let key = (namespace.clone(), name.clone());
+    if decision.handover.is_some() {
+        ctx.failovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_insert(seen_at);
+    }
+
+    let mut fresh_lease: Option<Lease> = None;
+    if let Some(desired) = lease::desired(group, read_lease, &decision.lease, now) {
+        let create = matches!(decision.lease, LeaseWrite::Create { .. });
+        fresh_lease = Some(lease::write(lease_api, &desired, create).await?);
+        if let Some(h) = &decision.handover {
+            ctx.metrics.leader_changed(&namespace, &name);
+            tracing::info!(group = %name, %namespace, from = ?h.from, to = ?h.to, reason = %h.reason, epoch = decision.epoch, "leadership moved");
+            if let Some(from) = &h.from {
+                publish(
+                    ctx,
+                    group,
+                    EventType::Normal,
+                    "LeaderLost",
+                    format!("pod {from} lost leadership: {}", h.reason),
+                )
+                .await;
+            }
+        }
+        if decision.leader.is_none() && matches!(decision.outcome, Outcome::NoEligibleMembers) {
+            publish(
+                ctx,
+                group,
+                EventType::Warning,
+                "NoEligibleMembers",
+                "no member is eligible; the leader label is cleared".into(),
+            )
+            .await;
+        }
+    }
+
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for write in &decision.labels {
+        if let LabelWrite::Promote { pod, epoch, .. } = write {
+            // Promote only what the Lease says right now: when this reconcile did not write the
+            // Lease itself, a quorum read rules out acting on a stale cache.
+            let current = match fresh_lease.take() {
+                Some(l) => l,
+                None => lease::get(lease_api, &name)
+                    .await?
+                    .ok_or_else(|| Error::LeaseMoved(format!("Lease {name} is gone")))?,
+            };
+            let view = lease::view(&current);
+            if view.holder.as_deref() != Some(pod.as_str()) || view.transitions != *epoch {
+                return Err(Error::LeaseMoved(format!(
+                    "Lease {name} names {:?} at epoch {}, not {pod} at epoch {epoch}",
+                    view.holder, view.transitions
+                )));
+            }
+        }
+        labels::apply(&pods, write, &name).await?;
+        if let LabelWrite::Promote { pod, epoch, .. } = write {
+            if let Some(started) = ctx
+                .failovers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key)
+            {
+                ctx.metrics.failover(started.elapsed());
+            }
+            publish(
+                ctx,
+                group,
+                EventType::Normal,
+                "LeaderElected",
+                format!("pod {pod} is the leader at epoch {epoch}"),
+            )
+            .await;
+        }
+    }
+    if decision.leader.is_none() {
+        ctx.failovers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+    }
+    Ok(())
+}
+
+/// Removes podium's labels and annotations from every pod the group touched, then its Lease.
+async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
+    let name = group.name_any();
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let now = Timestamp::now();
+    let touched: Vec<Member> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|p| p.annotations().get(GROUP_ANNOTATION) == Some(&name))
+        .map(|p| election::member_from_pod(p, None, Duration::ZERO, now))
+        .collect();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for write in election::cleanup_writes(&touched) {
+        labels::apply(&pods, &write, &name).await?;
+    }
+    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(l) = lease::get(&lease_api, &name).await?
+        && let LeaseState::Owned(_) = lease::state(group, Some(&l))
+    {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: l.uid(),
+                resource_version: l.resource_version(),
+            }),
+            ..Default::default()
+        };
+        match lease_api.delete(&name, &params).await {
+            Ok(_) => {}
+            Err(e) if crate::error::status_code(&e) == Some(404) => {}
+            Err(source) => {
+                return Err(Error::LeaseDelete {
+                    name: name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    ctx.metrics.group_removed(&namespace, &name);
+    ctx.failovers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&(namespace, name));
+    Ok(Action::await_change())
+}
+
+/// Builds the core's input from the caches.
+fn observe<'a>(
+    group: &'a ElectionGroup,
+    ctx: &Context,
+    lease: Option<&Lease>,
+    namespace: &str,
+    now: Timestamp,
+) -> Observation<'a> {
+    let name = group.name_any();
+    let min_ready = Duration::from_secs(u64::try_from(group.spec.min_ready_seconds).unwrap_or(0));
+    let older_groups: Vec<Arc<ElectionGroup>> = ctx
+        .groups
+        .state()
+        .into_iter()
+        .filter(|g| g.namespace().as_deref() == Some(namespace) && g.name_any() != name)
+        .filter(|g| g.meta().deletion_timestamp.is_none() && validate::validate(&g.spec).is_ok())
+        .filter(|g| is_older(g, group))
+        .collect();
+    let node_ready: BTreeMap<String, bool> = ctx
+        .nodes
+        .as_ref()
+        .map(|nodes| {
+            nodes
+                .state()
+                .iter()
+                .filter_map(|n| election::node_ready(n).map(|r| (n.name_any(), r)))
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut members = Vec::new();
+    let mut strays = Vec::new();
+    let mut overlaps = Vec::new();
+    for pod in ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
+    {
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_ref())
+            .and_then(|n| node_ready.get(n))
+            .copied();
+        let selected = selector::matches(&group.spec.selector, pod.metadata.labels.as_ref());
+        let claimed_by = older_groups
+            .iter()
+            .find(|g| selector::matches(&g.spec.selector, pod.metadata.labels.as_ref()));
+        match (selected, claimed_by) {
+            (true, None) => members.push(election::member_from_pod(pod, node, min_ready, now)),
+            (true, Some(other)) => overlaps.push(Overlap {
+                pod: pod.name_any(),
+                other_group: other.name_any(),
+            }),
+            (false, _) => {}
+        }
+        if !(selected && claimed_by.is_none())
+            && pod.annotations().get(GROUP_ANNOTATION) == Some(&name)
+        {
+            strays.push(election::member_from_pod(pod, node, min_ready, now));
+        }
+    }
+    Observation {
+        now,
+        group: group.metadata.name.as_deref().unwrap_or_default(),
+        spec: &group.spec,
+        members,
+        strays,
+        lease: lease::state(group, lease),
+        overlaps,
+    }
+}
+
+/// Whether `a` was created before `b`; the name breaks ties so both groups agree.
+fn is_older(a: &ElectionGroup, b: &ElectionGroup) -> bool {
+    let key = |g: &ElectionGroup| {
+        (
+            g.meta().creation_timestamp.clone().map(|t| t.0),
+            g.name_any(),
+        )
+    };
+    key(a) < key(b)
+}
+
+async fn write_status(
+    ctx: &Context,
+    group: &ElectionGroup,
+    status: &ElectionGroupStatus,
+) -> Result<()> {
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let api: Api<ElectionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": "podium.dev/v1alpha1",
+        "kind": "ElectionGroup",
+        "metadata": { "name": group.name_any(), "resourceVersion": group.resource_version() },
+        "status": status,
+    });
+    api.patch_status(
+        &group.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::StatusPatch)?;
+    Ok(())
+}
+
+fn set_degraded(status: &mut ElectionGroupStatus, reason: &str, message: String, now: Timestamp) {
+    status
+        .conditions
+        .retain(|c| c.type_ != conditions::DEGRADED);
+    status
+        .conditions
+        .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: conditions::DEGRADED.into(),
+            status: conditions::TRUE.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: status.observed_generation,
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+        });
+}
+
+async fn publish(
+    ctx: &Context,
+    group: &ElectionGroup,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    // Events are best effort: failing to record one must not fail the election.
+    if let Err(e) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
+        tracing::debug!(error = %e, "could not publish event");
+    }
+}
