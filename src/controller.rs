@@ -209,17 +209,28 @@ async fn mark_ready_when_synced(
     nodes: Option<Store<Node>>,
     ready: Arc<AtomicBool>,
 ) {
-    let synced = async {
-        groups.wait_until_ready().await?;
-        pods.wait_until_ready().await?;
-        leases.wait_until_ready().await?;
-        if let Some(nodes) = nodes {
-            nodes.wait_until_ready().await?;
-        }
-        Ok::<_, reflector::store::WriterDropped>(())
-    };
-    if synced.await.is_ok() {
-        tracing::info!("caches synced; ready");
-        ready.store(true, Ordering::Release);
+    synced(&groups).await;
+    synced(&pods).await;
+    synced(&leases).await;
+    if let Some(nodes) = &nodes {
+        synced(nodes).await;
     }
+    tracing::info!("caches synced; ready");
+    ready.store(true, Ordering::Release);
+}
+
+/// Waits for a store's first full list. The store's readiness signal wakes only its most
+/// recent waiter, and the controller waits on the same store, so poll rather than park.
+async fn synced<K>(store: &Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    while tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        store.wait_until_ready(),
+    )
+    .await
+    .is_err()
+    {}
 }
