@@ -58,10 +58,18 @@ pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<A
             FinalizerEvent::Cleanup(g) => cleanup(&g, &ctx).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
     ctx.metrics.reconciled(started.elapsed());
-    result
+    match result {
+        // Two reconciles of a deleted group can race to remove the finalizer; the second finds
+        // the group already gone, which is the outcome both wanted.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(e))
+            if crate::error::status_code(&e) == Some(404) =>
+        {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    }
 }
 
 pub fn error_policy(group: Arc<ElectionGroup>, error: &Error, ctx: Arc<Context>) -> Action {

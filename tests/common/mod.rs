@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod checker;
+pub mod faults;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
