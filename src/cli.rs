@@ -31,6 +31,8 @@ pub enum Command {
     Run(RunArgs),
     /// Print the ElectionGroup CustomResourceDefinition as YAML.
     Crd,
+    /// Show Podium at work on a throwaway local control plane: elect, fail over, time it.
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Args, Debug, Clone)]

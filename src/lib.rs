@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod demo;
 pub mod election;
 pub mod error;
 pub mod ha;

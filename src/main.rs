@@ -15,6 +15,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crd::crd_yaml());
             Ok(())
         }
+        Command::Demo(args) => podium::demo::run(args).await,
         Command::Run(args) => {
             telemetry::init(args.log_format, "info,kube_runtime=warn");
             let client = kube::Client::try_default().await.map_err(|e| {
