@@ -3,13 +3,15 @@
 # run the examples, check that the leader Service answers from the leader, delete the leader pod
 # and measure how long the Service takes to answer from the new one.
 #
-#   scripts/kind-e2e.sh            # = all: up, examples, check, failover, operator-failover, down
+#   scripts/kind-e2e.sh            # = all: up, examples, check, failover, operator-failover,
+#                                  #   downward, down
 #   scripts/kind-e2e.sh up         # create the cluster (or reuse it), build + load the image, install the chart
 #   scripts/kind-e2e.sh examples   # apply examples/ into $E2E_NAMESPACE and wait for the web pods
 #   scripts/kind-e2e.sh leader     # wait until the ElectionGroup has a leader; print its name
 #   scripts/kind-e2e.sh check      # the web-leader Service answers with the leader pod's name
 #   scripts/kind-e2e.sh failover   # delete the leader pod; print failover_seconds=<s>
 #   scripts/kind-e2e.sh operator-failover  # delete the active operator pod; another takes the Lease
+#   scripts/kind-e2e.sh downward   # examples/downward-api.yaml: members see their role change live
 #   scripts/kind-e2e.sh logs       # dump state and operator logs (for CI failures)
 #   scripts/kind-e2e.sh down       # delete the cluster (unless PODIUM_E2E_KEEP_CLUSTER=1)
 #
@@ -189,6 +191,54 @@ cmd_operator_failover() {
   die "no other operator replica took the Lease podium-operator within 120s"
 }
 
+# Waits until the logs of pod $1 in $NS contain $2; prints the seconds it took.
+wait_log() {
+  local pod="$1" needle="$2" timeout="${3:-150}" t0
+  t0=$(now)
+  while ! k -n "$NS" logs "$pod" 2>/dev/null | grep -q -- "$needle"; do
+    if awk -v a="$(elapsed "$t0")" -v t="$timeout" 'BEGIN { exit !(a > t) }'; then
+      k -n "$NS" logs "$pod" --tail=20 >&2 || true
+      die "pod $pod never logged '$needle' within ${timeout}s"
+    fi
+    sleep 1
+  done
+  elapsed "$t0"
+}
+
+# examples/downward-api.yaml: each worker prints the role and epoch it reads from its Downward
+# API volume; after a failover the new leader must print role=leader without a restart.
+cmd_downward() {
+  local leader follower new deadline seconds
+  k -n "$NS" apply -f "$ROOT/examples/downward-api.yaml" >/dev/null
+  k -n "$NS" rollout status deployment/worker --timeout=180s
+  deadline=$((SECONDS + 120))
+  leader=""
+  while [ -z "$leader" ]; do
+    [ $SECONDS -lt $deadline ] || die "ElectionGroup worker elected nobody"
+    leader=$(k -n "$NS" get electiongroup worker -o jsonpath='{.status.leader}' 2>/dev/null || true)
+    sleep 1
+  done
+  wait_log "$leader" "role=leader epoch=" >/dev/null
+  follower=$(k -n "$NS" get pods -l app=worker,podium.dev/role=follower -o jsonpath='{.items[0].metadata.name}')
+  [ -n "$follower" ] || die "no follower among the workers"
+  wait_log "$follower" "role=follower" >/dev/null
+  say "downward: $leader logs role=leader, $follower logs role=follower; deleting $leader"
+  k -n "$NS" delete pod "$leader" --wait=false >/dev/null
+  deadline=$((SECONDS + 120))
+  new=""
+  while [ -z "$new" ] || [ "$new" = "$leader" ]; do
+    [ $SECONDS -lt $deadline ] || die "ElectionGroup worker did not replace $leader"
+    new=$(k -n "$NS" get electiongroup worker -o jsonpath='{.status.leader}' 2>/dev/null || true)
+    sleep 0.5
+  done
+  seconds=$(wait_log "$new" "role=leader epoch=")
+  [ "$(k -n "$NS" get pod "$new" -o jsonpath='{.status.containerStatuses[0].restartCount}')" = 0 ] \
+    || die "$new restarted; the role must change live"
+  say "downward: new leader $new read role=leader from its volume ${seconds}s after the election"
+  echo "downward_leader=$new"
+  echo "downward_update_seconds=$seconds"
+}
+
 cmd_logs() {
   k get nodes -o wide || true
   k -n "$OPERATOR_NS" get all,leases || true
@@ -216,6 +266,7 @@ cmd_all() {
   cmd_check
   cmd_failover
   cmd_operator_failover
+  cmd_downward
 }
 
 case "${1:-all}" in
@@ -225,6 +276,7 @@ case "${1:-all}" in
   check) cmd_check ;;
   failover) cmd_failover ;;
   operator-failover) cmd_operator_failover ;;
+  downward) cmd_downward ;;
   logs) cmd_logs ;;
   down) cmd_down ;;
   all) cmd_all ;;
