@@ -231,6 +231,7 @@ pub mod conditions {
         pub const INVALID: &str = "Invalid";
         pub const VALID: &str = "Valid";
         pub const API_ERROR: &str = "ApiError";
+        pub const FORBIDDEN: &str = "Forbidden";
         pub const HEALTHY: &str = "Healthy";
     }
 }

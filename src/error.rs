@@ -75,6 +75,14 @@ impl Error {
         }
     }
 
+    /// What the API server said, without the client's wrapping: the part a user can act on.
+    pub fn server_message(&self) -> Option<&str> {
+        match self.api_error()? {
+            kube::Error::Api(status) if !status.message.is_empty() => Some(status.message.as_str()),
+            _ => None,
+        }
+    }
+
     /// A 409: someone else wrote first. Expected under contention; retry soon from fresh state.
     pub fn is_conflict(&self) -> bool {
         self.api_error()

@@ -131,7 +131,11 @@ async fn apply(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
         && e.is_forbidden()
     {
         // Missing RBAC is a deployment problem the user must fix; say so where they look.
-        let message = format!("podium lacks a permission it needs: {e}");
+        let message = format!(
+            "podium lacks a permission it needs ({}): {}; grant it in the operator's Role or ClusterRole (the Helm chart's RBAC has it)",
+            e.kind(),
+            e.server_message().unwrap_or("forbidden")
+        );
         publish(ctx, group, EventType::Warning, "Forbidden", message.clone()).await;
         let mut status = election::status::from_decision(
             previous,
@@ -140,7 +144,7 @@ async fn apply(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
             group.metadata.generation,
             now,
         );
-        set_degraded(&mut status, conditions::reasons::API_ERROR, message, now);
+        set_degraded(&mut status, conditions::reasons::FORBIDDEN, message, now);
         let _ = write_status(ctx, group, &status).await;
     }
     result?;
