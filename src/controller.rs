@@ -57,14 +57,14 @@ pub async fn run(
 
     let (groups, group_writer) = reflector::store();
     let group_stream = watcher(groups_api, watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(|g: &mut ElectionGroup| g.managed_fields_mut().clear())
         .reflect(group_writer)
         .applied_objects();
 
     let (pods, pod_writer) = reflector::store();
     let pod_stream = watcher(pods_api, watcher::Config::default().any_semantic())
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         // Managed fields are most of a pod's bytes and podium never reads them.
         .modify(|p: &mut Pod| p.managed_fields_mut().clear())
         .reflect(pod_writer)
@@ -75,7 +75,7 @@ pub async fn run(
         .any_semantic()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
     let lease_stream = watcher(leases_api, lease_config)
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(|l: &mut Lease| l.managed_fields_mut().clear())
         .reflect(lease_writer)
         .touched_objects()
@@ -89,7 +89,7 @@ pub async fn run(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().any_semantic(),
         )
-        .default_backoff()
+        .backoff(WatchBackoff::default())
         .modify(|n: &mut Node| n.managed_fields_mut().clear())
         .reflect(node_writer)
         .touched_objects()
@@ -105,7 +105,7 @@ pub async fn run(
         pods.clone(),
         leases.clone(),
         nodes.clone(),
-        ready,
+        ready.clone(),
     ));
 
     // Gaining operator leadership reconciles every group at once.
@@ -127,6 +127,8 @@ pub async fn run(
         metrics,
         leading,
         failovers: Default::default(),
+        synced: ready,
+        stale_leases: Default::default(),
     });
 
     let groups_for_pods = groups.clone();
@@ -136,6 +138,10 @@ pub async fn run(
         })
         .owns_stream(lease_stream)
         .reconcile_all_on(gained)
+        // The controller pauses all its watches together after an error from any of them, with
+        // the same 30 s-capped backoff by default; that hid every pod event for half a minute
+        // after an API server restart.
+        .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown);
     if let (Some(node_stream), Some(_)) = (node_stream, &nodes) {
         let groups_for_nodes = groups.clone();
@@ -180,6 +186,42 @@ pub fn groups_of_pod(groups: &Store<ElectionGroup>, pod: &Pod) -> Vec<ObjectRef<
         refs.push(ObjectRef::new(group).within(&namespace));
     }
     refs
+}
+
+/// How soon a broken watch is retried, for each watch and for the controller's pause of all of
+/// them. kube's default backoff grows to 30 s; after an API server restart the watches had
+/// failed for every second of the outage and then waited that long (plus another round for the
+/// relist after "too old resource version"), so podium saw no pod fail for up to a minute.
+/// Capped at 4 s; a successful event resets it.
+#[derive(Clone, Debug)]
+struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(4);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+    fn next(&mut self) -> Option<Self::Item> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 fn lease_identity(lease: &Lease) -> Option<u64> {

@@ -119,9 +119,15 @@ pub fn desired(
         };
     } else {
         spec.renew_time = Some(MicroTime(now));
-        // Record the holder's UID on Leases written before podium tracked it.
+        // Record the holder's UID on Leases written before podium tracked it, but only the UID
+        // the status gives for that same holder: after a hand edit of the holder the status
+        // still names the previous leader, whose UID would turn the new holder into a stranger.
         if !lease.annotations().contains_key(HOLDER_UID_ANNOTATION)
-            && let Some(uid) = group.status.as_ref().and_then(|s| s.leader_uid.clone())
+            && let Some(uid) = group
+                .status
+                .as_ref()
+                .filter(|s| s.leader.is_some() && s.leader == spec.holder_identity)
+                .and_then(|s| s.leader_uid.clone())
         {
             lease
                 .annotations_mut()
@@ -263,6 +269,33 @@ mod tests {
             spec: None,
         };
         assert!(matches!(state(&g, Some(&bare)), LeaseState::Foreign { .. }));
+    }
+
+    #[test]
+    fn renewal_records_the_status_uid_only_for_the_same_holder() {
+        let mut g = group();
+        g.status = Some(crate::crd::ElectionGroupStatus {
+            leader: Some("old".into()),
+            leader_uid: Some("old-uid".into()),
+            ..Default::default()
+        });
+        // A human pointed the Lease at "new" and dropped the UID annotation.
+        let edited = Lease {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("new".into()),
+                ..Default::default()
+            }),
+        };
+        let renewed = desired(&g, Some(&edited), &LeaseWrite::Renew, now()).unwrap();
+        assert_eq!(view(&renewed).holder_uid, None);
+        g.status.as_mut().unwrap().leader = Some("new".into());
+        g.status.as_mut().unwrap().leader_uid = Some("new-uid".into());
+        let renewed = desired(&g, Some(&edited), &LeaseWrite::Renew, now()).unwrap();
+        assert_eq!(view(&renewed).holder_uid.as_deref(), Some("new-uid"));
     }
 
     #[test]

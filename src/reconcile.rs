@@ -1,7 +1,8 @@
 //! Reconcile one ElectionGroup: read from the caches, ask the election core, apply its decision
 //! in order (Lease first, then labels break-before-make, then status), and report.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -42,12 +43,24 @@ pub struct Context {
     pub leading: watch::Receiver<bool>,
     /// When each group's current failover started, for `podium_failover_seconds`.
     pub failovers: Mutex<HashMap<(String, String), Instant>>,
+    /// Whether every cache has had its first full list.
+    pub synced: Arc<AtomicBool>,
+    /// Groups whose cached Lease just proved stale (a write of it got 409): the next reconcile
+    /// reads it from the server. Otherwise, while the Lease watch is down or backing off (after
+    /// an API server restart, up to half a minute), every renewal and every failover of the
+    /// group would fail with 409 against the same stale copy, 20 times a second.
+    pub stale_leases: Mutex<HashSet<(String, String)>>,
 }
 
 pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<Action> {
     if !*ctx.leading.borrow() {
         // A standby keeps its caches warm; the trigger fired on gaining leadership brings it here again.
         return Ok(Action::await_change());
+    }
+    if !ctx.synced.load(Ordering::Acquire) {
+        // The group cache can fill before the pod cache: deciding now would see no members and
+        // fail a healthy leader over (observed on every restart that lost that race).
+        return Ok(Action::requeue(Duration::from_millis(100)));
     }
     let started = Instant::now();
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
@@ -108,14 +121,24 @@ async fn apply(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     }
 
     let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
-    let cached_lease = ctx.leases.get(&ObjectRef::new(&name).within(&namespace));
+    let key = (namespace.clone(), name.clone());
+    let stale = ctx
+        .stale_leases
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&key);
+    let cached_lease = ctx
+        .leases
+        .get(&ObjectRef::new(&name).within(&namespace))
+        .filter(|_| !stale);
     // The cache only holds Leases podium labelled; a missing one may exist unlabelled.
     let read_lease = match cached_lease {
         Some(l) => Some((*l).clone()),
         None => lease::get(&lease_api, &name).await?,
     };
     let observed = observe(group, ctx, read_lease.as_ref(), &namespace, now);
-    let decision = election::decide(&observed);
+    let mut decision = election::decide(&observed);
+    defer_routine_writes(&observed, &mut decision);
 
     let result = execute(
         group,
@@ -127,6 +150,14 @@ async fn apply(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
         now,
     )
     .await;
+    if let Err(Error::LeaseWrite { source, .. }) = &result
+        && crate::error::status_code(source) == Some(409)
+    {
+        ctx.stale_leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key);
+    }
     if let Err(e) = &result
         && e.is_forbidden()
     {
@@ -273,6 +304,39 @@ async fn execute(
     Ok(())
 }
 
+/// At most this many routine label writes (followers, strays without a leader label) per
+/// reconcile, after the writes that matter for safety.
+const MAX_ROUTINE_WRITES: usize = 50;
+
+/// Leaves routine label writes beyond [`MAX_ROUTINE_WRITES`] to the next reconcile, which comes
+/// at once. A reconcile applies its writes one by one and nothing else happens to the group
+/// meanwhile: labelling the followers of a new 10,000-pod group took minutes in one go, during
+/// which the Lease was not renewed and a failed leader was not replaced.
+fn defer_routine_writes(observed: &Observation<'_>, decision: &mut Decision) {
+    let leader_labelled: HashSet<&str> = observed
+        .members
+        .iter()
+        .chain(&observed.strays)
+        .filter(|m| m.role.as_deref() == Some(ROLE_LEADER))
+        .map(|m| m.name.as_str())
+        .collect();
+    let routine = |w: &LabelWrite| match w {
+        LabelWrite::Follow { .. } => true,
+        LabelWrite::Strip { pod, .. } => !leader_labelled.contains(pod.as_str()),
+        LabelWrite::Demote { .. } | LabelWrite::Promote { .. } => false,
+    };
+    let safety_end = decision
+        .labels
+        .iter()
+        .rposition(|w| !routine(w))
+        .map_or(0, |i| i + 1);
+    let keep = safety_end + MAX_ROUTINE_WRITES;
+    if decision.labels.len() > keep {
+        decision.labels.truncate(keep);
+        decision.requeue_after = election::MIN_REQUEUE;
+    }
+}
+
 /// Removes podium's labels and annotations from every pod the group touched, then its Lease.
 async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     let name = group.name_any();
@@ -313,10 +377,15 @@ async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
         }
     }
     ctx.metrics.group_removed(&namespace, &name);
+    let key = (namespace, name);
+    ctx.stale_leases
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&key);
     ctx.failovers
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .remove(&(namespace, name));
+        .remove(&key);
     Ok(Action::await_change())
 }
 

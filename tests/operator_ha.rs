@@ -118,6 +118,11 @@ async fn a_frozen_replica_wakes_up_to_refused_writes_and_no_second_leader() {
         .wait_leader_other_than(None, Duration::from_secs(2))
         .await
         .name_any();
+    // Let a finish the election (its status write, and the retry a stale cache may cause), so
+    // the write frozen below is one of the failover's, not a leftover of the election.
+    f.wait_status("web", Some(&leader), Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Freeze a's writes: its operator-Lease renewal hangs, so it still believes it leads,
     // while b sees the Lease expire and takes over.

@@ -261,11 +261,22 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     };
     match lease {
         None => {
+            // A Lease deleted by hand must not restart the epoch: carry on from the highest
+            // epoch a pod still carries, so fencing tokens keep growing.
+            let seen = obs
+                .members
+                .iter()
+                .chain(&obs.strays)
+                .filter_map(|m| m.epoch.as_deref()?.trim().parse::<i32>().ok())
+                .max()
+                .unwrap_or(0)
+                .max(0);
+            let epoch = seen.saturating_add(i32::from(target.is_some()));
             decision.lease = LeaseWrite::Create {
                 holder: target_holder.clone(),
-                transitions: i32::from(target.is_some()),
+                transitions: epoch,
             };
-            decision.epoch = i32::from(target.is_some());
+            decision.epoch = epoch;
             decision.leader_since = target.map(|_| obs.now);
         }
         Some(view) if !same_holder => {
@@ -304,7 +315,14 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
     }
     decision.leader = target_holder;
-    decision.labels = label_writes(obs, target.map(|m| m.name.as_str()), decision.epoch);
+    // A transfer also writes to the old holder when this snapshot shows no leader label on it:
+    // the write carries the resourceVersion read, so if the pod cache lags (the holder was
+    // labelled since) it is refused with 409 before anyone is promoted.
+    let fence = match (&decision.lease, lease) {
+        (LeaseWrite::Transfer { .. }, Some(view)) => view.holder.as_deref(),
+        _ => None,
+    };
+    decision.labels = label_writes(obs, target.map(|m| m.name.as_str()), fence, decision.epoch);
 
     let soonest_eligible = obs
         .members
@@ -384,20 +402,30 @@ fn loss_reason(
 }
 
 /// Label writes that make the pods agree with the Lease, ordered break-before-make.
-fn label_writes(obs: &Observation<'_>, leader: Option<&str>, epoch: i32) -> Vec<LabelWrite> {
+fn label_writes(
+    obs: &Observation<'_>,
+    leader: Option<&str>,
+    fence: Option<&str>,
+    epoch: i32,
+) -> Vec<LabelWrite> {
     let is_leader_label = |m: &Member| m.role.as_deref() == Some(ROLE_LEADER);
+    let fenced = |m: &Member| fence == Some(m.name.as_str());
     let mut writes = Vec::new();
     for m in obs
         .members
         .iter()
-        .filter(|m| is_leader_label(m) && Some(m.name.as_str()) != leader)
+        .filter(|m| (is_leader_label(m) || fenced(m)) && Some(m.name.as_str()) != leader)
     {
         writes.push(LabelWrite::Demote {
             pod: m.name.clone(),
             resource_version: m.resource_version.clone(),
         });
     }
-    for s in obs.strays.iter().filter(|s| is_leader_label(s)) {
+    for s in obs
+        .strays
+        .iter()
+        .filter(|s| is_leader_label(s) || fenced(s))
+    {
         writes.push(LabelWrite::Strip {
             pod: s.name.clone(),
             resource_version: s.resource_version.clone(),
@@ -419,6 +447,7 @@ fn label_writes(obs: &Observation<'_>, leader: Option<&str>, epoch: i32) -> Vec<
     for m in &obs.members {
         let needs_follow = Some(m.name.as_str()) != leader
             && !is_leader_label(m)
+            && !fenced(m)
             && m.eligibility != Eligibility::Terminating
             && (m.role.as_deref() != Some(ROLE_FOLLOWER)
                 || m.group.as_deref() != Some(obs.group)
@@ -430,7 +459,11 @@ fn label_writes(obs: &Observation<'_>, leader: Option<&str>, epoch: i32) -> Vec<
             });
         }
     }
-    for s in obs.strays.iter().filter(|s| !is_leader_label(s)) {
+    for s in obs
+        .strays
+        .iter()
+        .filter(|s| !is_leader_label(s) && !fenced(s))
+    {
         writes.push(LabelWrite::Strip {
             pod: s.name.clone(),
             resource_version: s.resource_version.clone(),
@@ -460,5 +493,7 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+#[cfg(test)]
+mod simulation;
 #[cfg(test)]
 mod tests;

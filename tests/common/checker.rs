@@ -5,9 +5,16 @@
 //! - I1: at no observed resourceVersion do two pods carry `podium.dev/role=leader`.
 //! - I2: the epoch (`leaseTransitions`) never decreases, and it changes exactly when the holder does.
 //! - I3: after quiet, the labelled leader equals the Lease holder and is eligible.
+//! - I4: no terminating or NotReady pod keeps the leader label while an eligible pod exists
+//!   for longer than a reaction time (1 s by default; [`Options::reaction`]).
 //! - I5: the leader Service's EndpointSlices never list two pods.
+//!
+//! [`Checker::start`] checks everything with the defaults; [`Checker::start_with`] takes
+//! [`Options`] (a pod label selector when several groups share the namespace, the group's
+//! `minReadySeconds`, a longer reaction time under injected faults). While the operator is
+//! knowingly down, [`Checker::pause_i4`] and [`Checker::resume_i4`] suspend I4.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +22,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use podium::crd::ROLE_LABEL;
@@ -43,19 +51,62 @@ pub enum Record {
     },
 }
 
+/// What the checker watches and how strict I4 is.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Only pods matching this label selector (e.g. `app=web`) count; all pods by default.
+    pub pod_selector: Option<String>,
+    /// I4's reaction time; `None` turns I4 off (e.g. for a paused group).
+    pub reaction: Option<Duration>,
+    /// The group's `minReadySeconds`: a pod counts as eligible for I4 only this long after the
+    /// checker saw it become Ready.
+    pub min_ready: Duration,
+    /// Pods a human labels leader on purpose: I1 episodes involving them are not violations.
+    pub tolerate_leaders: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pod_selector: None,
+            reaction: Some(Duration::from_secs(1)),
+            min_ready: Duration::ZERO,
+            tolerate_leaders: Vec::new(),
+        }
+    }
+}
+
+/// One pod as the checker last saw it.
+#[derive(Clone, Debug)]
+struct PodState {
+    role: Option<String>,
+    /// When the checker saw the pod become Ready; `None` while it is not Ready.
+    ready_since: Option<Instant>,
+    terminating: bool,
+}
+
 #[derive(Default)]
 struct History {
     records: Vec<Record>,
     violations: Vec<String>,
     roles: BTreeMap<String, Option<String>>,
+    /// The pods labelled leader right now (kept apart so that a check costs no scan of
+    /// thousands of pods).
+    leaders: BTreeSet<String>,
+    pods: BTreeMap<String, PodState>,
     slices: BTreeMap<String, Vec<String>>,
     last_lease: Option<(Option<String>, i32)>,
+    options: Options,
+    /// Since when I4's bad state has held, and whether this episode was reported.
+    i4_since: Option<(Instant, bool)>,
+    i4_paused: bool,
 }
 
 pub struct Checker {
     history: Arc<Mutex<History>>,
     tasks: Vec<JoinHandle<()>>,
     lease_name: String,
+    pod_selector: Option<String>,
 }
 
 impl Checker {
@@ -66,13 +117,33 @@ impl Checker {
         group: &str,
         service: Option<&str>,
     ) -> Checker {
-        let history = Arc::new(Mutex::new(History::default()));
+        Self::start_with(client, namespace, group, service, Options::default()).await
+    }
+
+    /// [`Checker::start`] with [`Options`].
+    pub async fn start_with(
+        client: &Client,
+        namespace: &str,
+        group: &str,
+        service: Option<&str>,
+        options: Options,
+    ) -> Checker {
+        let pod_config = match &options.pod_selector {
+            Some(selector) => watcher::Config::default().labels(selector),
+            None => watcher::Config::default(),
+        };
+        let pod_selector = options.pod_selector.clone();
+        let history = Arc::new(Mutex::new(History {
+            options,
+            ..History::default()
+        }));
         let mut tasks = Vec::new();
 
         let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let h = history.clone();
         tasks.push(tokio::spawn(async move {
-            let mut stream = watcher(pods, watcher::Config::default()).boxed();
+            // Backoff, so that an API server outage does not turn into a busy reconnect loop.
+            let mut stream = watcher(pods, pod_config).default_backoff().boxed();
             while let Some(event) = stream.next().await {
                 let Ok(event) = event else { continue };
                 let mut h = h.lock().unwrap();
@@ -90,11 +161,22 @@ impl Checker {
         let watched = lease_name.clone();
         tasks.push(tokio::spawn(async move {
             let config = watcher::Config::default().fields(&format!("metadata.name={watched}"));
-            let mut stream = watcher(leases, config).boxed();
+            let mut stream = watcher(leases, config).default_backoff().boxed();
             while let Some(event) = stream.next().await {
-                if let Ok(Event::Apply(l) | Event::InitApply(l)) = event {
-                    h.lock().unwrap().lease(&l);
+                match event {
+                    Ok(Event::Apply(l) | Event::InitApply(l)) => h.lock().unwrap().lease(&l),
+                    Ok(Event::Delete(_)) => h.lock().unwrap().lease_deleted(),
+                    _ => {}
                 }
+            }
+        }));
+
+        // I4 is about time passing without an event, so it is also checked on a clock.
+        let h = history.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                h.lock().unwrap().check_i4();
             }
         }));
 
@@ -105,7 +187,7 @@ impl Checker {
             let config =
                 watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
             tasks.push(tokio::spawn(async move {
-                let mut stream = watcher(slices, config).boxed();
+                let mut stream = watcher(slices, config).default_backoff().boxed();
                 while let Some(event) = stream.next().await {
                     match event {
                         Ok(Event::Apply(s) | Event::InitApply(s)) => {
@@ -123,11 +205,86 @@ impl Checker {
             history,
             tasks,
             lease_name,
+            pod_selector,
         }
     }
 
     pub fn records(&self) -> Vec<Record> {
         self.history.lock().unwrap().records.clone()
+    }
+
+    /// The pods labelled leader as of the last event seen.
+    pub fn leaders_now(&self) -> Vec<String> {
+        self.history
+            .lock()
+            .unwrap()
+            .leaders
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Violations seen so far (I1, I2, I4, I5), without panicking.
+    pub fn violations(&self) -> Vec<String> {
+        self.history.lock().unwrap().violations.clone()
+    }
+
+    /// Suspends I4, e.g. while the operator is crashed on purpose: nobody can react then.
+    pub fn pause_i4(&self) {
+        let mut h = self.history.lock().unwrap();
+        h.i4_paused = true;
+        h.i4_since = None;
+    }
+
+    /// Resumes I4; the reaction time starts now.
+    pub fn resume_i4(&self) {
+        let mut h = self.history.lock().unwrap();
+        h.i4_paused = false;
+        h.i4_since = None;
+        h.check_i4();
+    }
+
+    /// Pods a human labels leader on purpose from now on (see [`Options::tolerate_leaders`]).
+    pub fn tolerate_leaders(&self, pods: &[&str]) {
+        self.history.lock().unwrap().options.tolerate_leaders =
+            pods.iter().map(|p| p.to_string()).collect();
+    }
+
+    /// Sets I4's reaction time (`None`: off) from now on.
+    pub fn set_reaction(&self, reaction: Option<Duration>) {
+        let mut h = self.history.lock().unwrap();
+        h.options.reaction = reaction;
+        h.i4_since = None;
+    }
+
+    /// Changes of the `podium.dev/role` label seen at or after `since` (pod, new role).
+    pub fn role_changes_since(&self, since: Instant) -> Vec<(String, Option<String>)> {
+        let mut last: BTreeMap<String, Option<String>> = BTreeMap::new();
+        let mut changes = Vec::new();
+        for r in self.records() {
+            if let Record::Pod { at, pod, role, .. } = r {
+                let before = last.insert(pod.clone(), role.clone());
+                if at >= since && before.is_some_and(|b| b != role) {
+                    changes.push((pod, role));
+                }
+            }
+        }
+        changes
+    }
+
+    /// Lease observations at or after `since`, as (holder, epoch).
+    pub fn lease_changes_since(&self, since: Instant) -> Vec<(Option<String>, i32)> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Lease {
+                    at,
+                    holder,
+                    transitions,
+                } if at >= since => Some((holder, transitions)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The first time at or after `since` that `pod` was seen labelled leader.
@@ -160,15 +317,23 @@ impl Checker {
         None
     }
 
-    /// Panics with every invariant violation seen (I1, I2, I5) and checks I3 against `client`.
+    /// Panics with every invariant violation seen (I1, I2, I4, I5) and checks I3 against
+    /// `client`.
     pub async fn assert_invariants(&self, client: &Client, namespace: &str) {
+        self.history.lock().unwrap().check_i4();
         let violations = self.history.lock().unwrap().violations.clone();
         assert!(
             violations.is_empty(),
             "invariant violations:\n{}",
             violations.join("\n")
         );
-        assert_converged(client, namespace, &self.lease_name).await;
+        converged(
+            client,
+            namespace,
+            &self.lease_name,
+            self.pod_selector.as_deref(),
+        )
+        .await;
     }
 }
 
@@ -193,21 +358,44 @@ impl History {
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let terminating = p.metadata.deletion_timestamp.is_some();
+        let now = Instant::now();
         self.records.push(Record::Pod {
-            at: Instant::now(),
+            at: now,
             pod: name.clone(),
             role: role.clone(),
             ready,
-            terminating: p.metadata.deletion_timestamp.is_some(),
+            terminating,
         });
+        if deleted {
+            self.pods.remove(&name);
+        } else {
+            let was_ready_since = self.pods.get(&name).and_then(|s| s.ready_since);
+            self.pods.insert(
+                name.clone(),
+                PodState {
+                    role: role.clone(),
+                    ready_since: if ready {
+                        Some(was_ready_since.unwrap_or(now))
+                    } else {
+                        None
+                    },
+                    terminating,
+                },
+            );
+        }
+        if role.as_deref() == Some("leader") {
+            self.leaders.insert(name.clone());
+        } else {
+            self.leaders.remove(&name);
+        }
         self.roles.insert(name, role);
-        let leaders: Vec<&String> = self
-            .roles
+        self.check_i4();
+        let leaders: Vec<&String> = self.leaders.iter().collect();
+        let tolerated = leaders
             .iter()
-            .filter(|(_, r)| r.as_deref() == Some("leader"))
-            .map(|(n, _)| n)
-            .collect();
-        if leaders.len() > 1 {
+            .any(|l| self.options.tolerate_leaders.contains(l));
+        if leaders.len() > 1 && !tolerated {
             let msg = format!(
                 "I1: two leader labels at pod resourceVersion {:?}: {leaders:?}",
                 p.resource_version()
@@ -245,6 +433,65 @@ impl History {
             }
         }
         self.last_lease = Some((holder, transitions));
+    }
+
+    fn lease_deleted(&mut self) {
+        self.records.push(Record::Lease {
+            at: Instant::now(),
+            holder: None,
+            transitions: self.last_lease.as_ref().map_or(0, |(_, t)| *t),
+        });
+        // Keep the last epoch: a recreated Lease must not go below it (I2).
+        if let Some((holder, _)) = &mut self.last_lease {
+            *holder = None;
+        }
+    }
+
+    /// I4: a leader label on a terminating or NotReady pod while another pod is eligible, for
+    /// longer than the reaction time.
+    fn check_i4(&mut self) {
+        let Some(reaction) = self.options.reaction.filter(|_| !self.i4_paused) else {
+            self.i4_since = None;
+            return;
+        };
+        let now = Instant::now();
+        let min_ready = self.options.min_ready;
+        let stuck: Vec<&String> = self
+            .leaders
+            .iter()
+            .filter(|n| {
+                self.pods
+                    .get(*n)
+                    .is_some_and(|s| s.terminating || s.ready_since.is_none())
+            })
+            .collect();
+        if stuck.is_empty() {
+            self.i4_since = None;
+            return;
+        }
+        let eligible: Vec<&String> = self
+            .pods
+            .iter()
+            .filter(|(_, s)| {
+                !s.terminating
+                    && s.ready_since
+                        .is_some_and(|t| now.duration_since(t) >= min_ready)
+            })
+            .map(|(n, _)| n)
+            .take(5)
+            .collect();
+        if eligible.is_empty() {
+            self.i4_since = None;
+            return;
+        }
+        let (since, reported) = *self.i4_since.get_or_insert((now, false));
+        if !reported && now.duration_since(since) > reaction {
+            let msg = format!(
+                "I4: {stuck:?} kept the leader label while terminating or NotReady for more than {reaction:?} although {eligible:?} (and maybe more) were eligible"
+            );
+            self.violations.push(msg);
+            self.i4_since = Some((since, true));
+        }
     }
 
     fn slice(&mut self, s: &DynamicObject, deleted: bool) {
@@ -287,9 +534,14 @@ impl History {
 /// I3: the labelled leader equals the Lease holder and is eligible (Ready, not terminating),
 /// polled for up to 5 s so the last writes can land.
 pub async fn assert_converged(client: &Client, namespace: &str, lease_name: &str) {
+    converged(client, namespace, lease_name, None).await;
+}
+
+/// [`assert_converged`] over the pods matching `pod_selector` only.
+async fn converged(client: &Client, namespace: &str, lease_name: &str, pod_selector: Option<&str>) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let problem = convergence_problem(client, namespace, lease_name).await;
+        let problem = convergence_problem(client, namespace, lease_name, pod_selector).await;
         match problem {
             None => return,
             Some(p) if Instant::now() > deadline => panic!("I3: not converged after quiet: {p}"),
@@ -298,10 +550,16 @@ pub async fn assert_converged(client: &Client, namespace: &str, lease_name: &str
     }
 }
 
-async fn convergence_problem(client: &Client, namespace: &str, lease_name: &str) -> Option<String> {
+async fn convergence_problem(
+    client: &Client,
+    namespace: &str,
+    lease_name: &str,
+    pod_selector: Option<&str>,
+) -> Option<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let pods = pods.list(&Default::default()).await.ok()?;
+    let params = kube::api::ListParams::default().labels(pod_selector.unwrap_or_default());
+    let pods = pods.list(&params).await.ok()?;
     let leaders: Vec<&Pod> = pods
         .items
         .iter()
