@@ -33,6 +33,8 @@ pub enum Command {
     Crd,
     /// Show Podium at work on a throwaway local control plane: elect, fail over, time it.
     Demo(crate::demo::DemoArgs),
+    /// Measure failover latency, scale and API cost on a local control plane; prints a Markdown table.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -10,6 +10,7 @@
 //! - [`operator`], [`ha`], [`http`], [`metrics`], [`telemetry`], [`cli`]: running it.
 //! - [`testbed`]: a real local control plane (etcd, kube-apiserver, kube-controller-manager)
 //!   and a simulated kubelet, shared by the tests, the demo and the benchmarks.
+pub mod bench;
 pub mod cli;
 pub mod controller;
 pub mod crd;

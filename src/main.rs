@@ -16,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => podium::demo::run(args).await,
+        Command::Bench(args) => podium::bench::run(args).await,
         Command::Run(args) => {
             telemetry::init(args.log_format, "info,kube_runtime=warn");
             let client = kube::Client::try_default().await.map_err(|e| {

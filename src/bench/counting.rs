@@ -1,0 +1,333 @@
+//! A tower layer that counts every API request a kube `Client` makes, by verb and resource
+//! (as the API server names them: `get`, `list`, `watch`, `create`, `update`, `patch`,
+//! `delete`), and optionally keeps a log of each request for attributing the requests of one
+//! failover.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response};
+use serde::{Deserialize, Serialize};
+use tower::{Layer, Service};
+
+/// One request as the layer saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    pub verb: String,
+    /// `pods`, `pods/status`, `leases`, `electiongroups/status`, ...
+    pub resource: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// HTTP status, 0 when the request failed before a response.
+    pub code: u16,
+}
+
+impl RequestRecord {
+    pub fn is_write(&self) -> bool {
+        is_write_verb(&self.verb)
+    }
+}
+
+pub fn is_write_verb(verb: &str) -> bool {
+    matches!(
+        verb,
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    )
+}
+
+/// Counts by `"<verb> <resource>"`, the total, and (if enabled) the log.
+#[derive(Clone, Default)]
+pub struct Counter {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    total: AtomicU64,
+    counts: Mutex<BTreeMap<String, u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    log: Option<Mutex<Vec<RequestRecord>>>,
+}
+
+/// What [`Counter::snapshot`] returns; differences of two give a window's requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub total: u64,
+    /// `"<verb> <resource>"` to count.
+    pub by_kind: BTreeMap<String, u64>,
+    /// `"<verb> <resource> <code>"` to count, for responses other than 2xx.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Counts {
+    /// `self - earlier`, per key.
+    pub fn since(&self, earlier: &Counts) -> Counts {
+        let diff = |now: &BTreeMap<String, u64>, then: &BTreeMap<String, u64>| {
+            now.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.saturating_sub(then.get(k).copied().unwrap_or(0)),
+                    )
+                })
+                .filter(|(_, v)| *v > 0)
+                .collect()
+        };
+        Counts {
+            total: self.total.saturating_sub(earlier.total),
+            by_kind: diff(&self.by_kind, &earlier.by_kind),
+            errors: diff(&self.errors, &earlier.errors),
+        }
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.by_kind
+            .iter()
+            .filter(|(k, _)| k.split(' ').next().is_some_and(is_write_verb))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Gets and lists; watches are long-running and counted apart.
+    pub fn reads(&self) -> u64 {
+        self.by_kind
+            .iter()
+            .filter(|(k, _)| matches!(k.split(' ').next(), Some("get" | "list")))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+impl Counter {
+    pub fn new(keep_log: bool) -> Counter {
+        Counter {
+            inner: Arc::new(Inner {
+                log: keep_log.then(Mutex::default),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    pub fn snapshot(&self) -> Counts {
+        Counts {
+            total: self.inner.total.load(Ordering::Acquire),
+            by_kind: lock(&self.inner.counts).clone(),
+            errors: lock(&self.inner.errors).clone(),
+        }
+    }
+
+    /// Logged requests with `seq > after` (empty when the log is off).
+    pub fn log_since(&self, after: u64) -> Vec<RequestRecord> {
+        match &self.inner.log {
+            Some(log) => lock(log)
+                .iter()
+                .filter(|r| r.seq > after)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// A client for `config` whose requests this counter counts.
+    pub fn client(&self, config: kube::Config) -> anyhow::Result<kube::Client> {
+        Ok(kube::client::ClientBuilder::try_from(config)?
+            .with_layer(self)
+            .build())
+    }
+
+    fn record(&self, verb: String, target: Target, code: u16) {
+        let key = format!("{verb} {}", target.resource);
+        *lock(&self.inner.counts).entry(key.clone()).or_default() += 1;
+        if !(200..300).contains(&code) {
+            *lock(&self.inner.errors)
+                .entry(format!("{key} {code}"))
+                .or_default() += 1;
+        }
+        // Under the log's lock, so that sequence numbers are in log order.
+        match &self.inner.log {
+            Some(log) => {
+                let mut log = lock(log);
+                let seq = self.inner.total.fetch_add(1, Ordering::AcqRel) + 1;
+                log.push(RequestRecord {
+                    seq,
+                    verb,
+                    resource: target.resource,
+                    namespace: target.namespace,
+                    name: target.name,
+                    code,
+                });
+            }
+            None => {
+                self.inner.total.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a request path addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub resource: String,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+/// Parses `/api/v1/...` and `/apis/<group>/<version>/...` paths. Anything else (discovery,
+/// `/version`, `/metrics`) is resource `-` with the path as its name.
+pub fn target(path: &str) -> Target {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest = match segments.as_slice() {
+        ["api", _version, rest @ ..] => rest,
+        ["apis", _group, _version, rest @ ..] => rest,
+        _ => &[][..],
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, more @ ..] if !more.is_empty() => (Some(ns.to_string()), more),
+        other => (None, other),
+    };
+    match rest {
+        [] => Target {
+            resource: "-".into(),
+            namespace: None,
+            name: Some(path.into()),
+        },
+        [resource] => Target {
+            resource: resource.to_string(),
+            namespace,
+            name: None,
+        },
+        [resource, name] => Target {
+            resource: resource.to_string(),
+            namespace,
+            name: Some(name.to_string()),
+        },
+        [resource, name, sub, ..] => Target {
+            resource: format!("{resource}/{sub}"),
+            namespace,
+            name: Some(name.to_string()),
+        },
+    }
+}
+
+/// The API server's verb for a request.
+pub fn verb(method: &Method, target: &Target, query: Option<&str>) -> String {
+    let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    match *method {
+        Method::GET if watch => "watch",
+        Method::GET if target.name.is_none() => "list",
+        Method::GET => "get",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE if target.name.is_none() => "deletecollection",
+        Method::DELETE => "delete",
+        _ => "other",
+    }
+    .to_string()
+}
+
+impl<S> Layer<S> for Counter {
+    type Service = CountingService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CountingService {
+            inner,
+            counter: self.clone(),
+        }
+    }
+}
+
+pub struct CountingService<S> {
+    inner: S,
+    counter: Counter,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CountingService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let target = target(req.uri().path());
+        let verb = verb(req.method(), &target, req.uri().query());
+        let counter = self.counter.clone();
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let result = response.await;
+            let code = result.as_ref().map_or(0, |r| r.status().as_u16());
+            counter.record(verb, target, code);
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_the_api_servers_verbs_and_resources() {
+        let t = target("/api/v1/namespaces/ns/pods/web-1/status");
+        assert_eq!(
+            (
+                t.resource.as_str(),
+                t.namespace.as_deref(),
+                t.name.as_deref()
+            ),
+            ("pods/status", Some("ns"), Some("web-1"))
+        );
+        assert_eq!(verb(&Method::PATCH, &t, None), "patch");
+        let t = target("/apis/coordination.k8s.io/v1/namespaces/ns/leases/web");
+        assert_eq!(t.resource, "leases");
+        assert_eq!(verb(&Method::PUT, &t, None), "update");
+        assert_eq!(verb(&Method::GET, &t, None), "get");
+        let t = target("/api/v1/pods");
+        assert_eq!(
+            (t.resource.as_str(), t.namespace.as_deref()),
+            ("pods", None)
+        );
+        assert_eq!(
+            verb(&Method::GET, &t, Some("watch=true&resourceVersion=1")),
+            "watch"
+        );
+        assert_eq!(verb(&Method::GET, &t, Some("limit=500")), "list");
+        let t = target("/api/v1/namespaces/ns");
+        assert_eq!(
+            (t.resource.as_str(), t.name.as_deref()),
+            ("namespaces", Some("ns"))
+        );
+        let t = target("/apis/events.k8s.io/v1/namespaces/ns/events");
+        assert_eq!(verb(&Method::POST, &t, None), "create");
+        assert_eq!(target("/version").resource, "-");
+    }
+
+    #[test]
+    fn window_counts_split_reads_and_writes() {
+        let mut a = Counts::default();
+        a.by_kind.insert("update leases".into(), 2);
+        let mut b = a.clone();
+        b.total = 5;
+        b.by_kind.insert("update leases".into(), 5);
+        b.by_kind.insert("get leases".into(), 1);
+        b.by_kind.insert("watch pods".into(), 1);
+        let d = b.since(&a);
+        assert_eq!((d.writes(), d.reads(), d.total), (3, 1, 5));
+    }
+}
