@@ -31,9 +31,24 @@ step "cargo test (unit, property and integration tests on the local control plan
 cargo test --locked
 
 step "no control-plane process outlives the tests"
-sleep 1
-if pgrep -af 'podium-testbed-' ; then
-  echo "processes of a podium testbed are still running (listed above)" >&2
+# A testbed's processes carry their owner's PID in their temp dir (podium-testbed-<pid>-...).
+# Ones whose owner is gone are leftovers; ones whose owner still runs (say, a benchmark in
+# another terminal) are not ours to judge.
+find_leftovers() {
+  { pgrep -af 'podium-testbed-' || true; } | while read -r pid cmd; do
+    owner=$(printf '%s\n' "$cmd" | sed -n 's/.*podium-testbed-\([0-9]*\)-.*/\1/p' | head -1)
+    if [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then printf '%s %s\n' "$pid" "$cmd"; fi
+  done
+}
+# SIGKILL from a dying owner lands at once, but give the kernel a few seconds to reap.
+for _ in 1 2 3 4 5; do
+  leftovers=$(find_leftovers)
+  [ -z "$leftovers" ] && break
+  sleep 1
+done
+if [ -n "$leftovers" ]; then
+  printf '%s\n' "$leftovers" | cut -c1-200
+  echo "processes of a finished podium testbed are still running (listed above)" >&2
   exit 1
 fi
 echo "none left"
