@@ -120,7 +120,12 @@ pub fn from_decision(
         leader: leader.map(|h| h.name.clone()),
         leader_uid: leader.map(|h| h.uid.clone()).filter(|u| !u.is_empty()),
         epoch: Some(decision.epoch),
-        leader_since: leader.and(decision.leader_since).map(Time),
+        // metav1.Time keeps whole seconds; the Lease's acquireTime has microseconds. Without
+        // truncation the status read back always differs and every renewal rewrote it.
+        leader_since: leader
+            .and(decision.leader_since)
+            .and_then(|t| Timestamp::from_second(t.as_second()).ok())
+            .map(Time),
         members: decision.members,
         eligible_members: decision.eligible,
         eligible: Some(format!("{}/{}", decision.eligible, decision.members)),

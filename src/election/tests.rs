@@ -525,6 +525,22 @@ fn status_reports_leader_and_conditions() {
 }
 
 #[test]
+fn status_leader_since_survives_a_round_trip_so_renewals_write_no_status() {
+    let s = spec();
+    let mut members = vec![labelled(member("a", 0), ROLE_LEADER, Some(1))];
+    members[0].group = Some(GROUP.into());
+    let mut lease_state = lease(Some("a"), 1, 100);
+    if let LeaseState::Owned(v) = &mut lease_state {
+        v.acquire_time = Some(t(0) + jiff::SignedDuration::from_micros(123_456));
+    }
+    let d = decide(&observe(&s, members, lease_state, 101));
+    let st = status::from_decision(None, &d, &[], Some(1), t(101));
+    let round_tripped: crate::crd::ElectionGroupStatus =
+        serde_json::from_value(serde_json::to_value(&st).unwrap()).unwrap();
+    assert!(!status::differs(Some(&round_tripped), &st));
+}
+
+#[test]
 fn status_names_overlaps_and_the_foreign_lease() {
     let s = spec();
     let d = decide(&observe(
