@@ -346,8 +346,20 @@ fn write_report(out: &Path, started: &jiff::Zoned, markdown: &str) -> Result<Pat
     Ok(path)
 }
 
-/// `git <commit>` of the working directory, `+ local changes` when `src/` differs from it.
+/// `git <commit>` of the working directory at run time (`+ local changes` when `src/` differs
+/// from it), and when this executable was built: the checkout may have moved since.
 fn git_source() -> String {
+    let built = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| jiff::Timestamp::try_from(t).ok())
+        .map(|t| format!(" (this binary built {})", t.strftime("%Y-%m-%d %H:%M UTC")))
+        .unwrap_or_default();
+    format!("{}{built}", checkout())
+}
+
+fn checkout() -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)
@@ -361,7 +373,7 @@ fn git_source() -> String {
             let dirty = git(&["status", "--porcelain", "--", "src", "Cargo.toml"])
                 .is_some_and(|s| !s.is_empty());
             format!(
-                "git {commit}{}",
+                "checkout at git {commit}{}",
                 if dirty { " + local changes" } else { "" }
             )
         }
