@@ -18,9 +18,10 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 
 use crate::crd::{ElectionGroup, GROUP_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::index::{self, Index};
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
-use crate::{FIELD_MANAGER, election, selector};
+use crate::{FIELD_MANAGER, election};
 
 pub struct Options {
     /// Watch one namespace instead of the whole cluster.
@@ -56,18 +57,22 @@ pub async fn run(
     let (groups_api, pods_api, leases_api) = api(&client);
 
     let (groups, group_writer) = reflector::store();
+    let group_index = Arc::new(Index::new(index::group_keys));
     let group_stream = watcher(groups_api, watcher::Config::default().any_semantic())
         .backoff(WatchBackoff::default())
         .modify(|g: &mut ElectionGroup| g.managed_fields_mut().clear())
         .reflect(group_writer)
+        .inspect(follow(&group_index))
         .applied_objects();
 
     let (pods, pod_writer) = reflector::store();
+    let pod_index = Arc::new(Index::new(index::pod_keys));
     let pod_stream = watcher(pods_api, watcher::Config::default().any_semantic())
         .backoff(WatchBackoff::default())
         // Managed fields are most of a pod's bytes and podium never reads them.
         .modify(|p: &mut Pod| p.managed_fields_mut().clear())
         .reflect(pod_writer)
+        .inspect(follow(&pod_index))
         .touched_objects();
 
     let (leases, lease_writer) = reflector::store();
@@ -115,6 +120,8 @@ pub async fn run(
         client: client.clone(),
         groups: groups.clone(),
         pods: pods.clone(),
+        pod_index: pod_index.clone(),
+        group_index: group_index.clone(),
         nodes: nodes.clone(),
         leases,
         recorder: Recorder::new(
@@ -129,12 +136,14 @@ pub async fn run(
         failovers: Default::default(),
         synced: ready,
         stale_leases: Default::default(),
+        written_groups: Default::default(),
+        written_leases: Default::default(),
     });
 
-    let groups_for_pods = groups.clone();
+    let groups_for_pods = (groups.clone(), group_index.clone());
     let mut controller = Controller::for_stream(group_stream, groups.clone())
         .watches_stream(pod_stream, move |pod: Pod| {
-            groups_of_pod(&groups_for_pods, &pod)
+            groups_of_pod(&groups_for_pods.0, &groups_for_pods.1, &pod)
         })
         .owns_stream(lease_stream)
         .reconcile_all_on(gained)
@@ -144,17 +153,14 @@ pub async fn run(
         .trigger_backoff(WatchBackoff::default())
         .graceful_shutdown_on(shutdown);
     if let (Some(node_stream), Some(_)) = (node_stream, &nodes) {
-        let groups_for_nodes = groups.clone();
-        let pods_for_nodes = pods.clone();
+        let (groups, group_index) = (groups.clone(), group_index.clone());
+        let (pods, pod_index) = (pods.clone(), pod_index.clone());
         controller = controller.watches_stream(node_stream, move |node: Node| {
-            let name = node.name_any();
-            pods_for_nodes
-                .state()
+            pod_index
+                .get(&index::Key::Node(node.name_any()))
                 .iter()
-                .filter(|p| {
-                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
-                })
-                .flat_map(|p| groups_of_pod(&groups_for_nodes, p))
+                .filter_map(|p| pods.get(p))
+                .flat_map(|p| groups_of_pod(&groups, &group_index, &p))
                 .collect::<Vec<_>>()
         });
     }
@@ -171,13 +177,14 @@ pub async fn run(
 
 /// The groups a pod event concerns: those whose selector matches it now, and the one whose
 /// annotation it carries (it may just have stopped matching).
-pub fn groups_of_pod(groups: &Store<ElectionGroup>, pod: &Pod) -> Vec<ObjectRef<ElectionGroup>> {
+pub fn groups_of_pod(
+    groups: &Store<ElectionGroup>,
+    group_index: &Index<ElectionGroup>,
+    pod: &Pod,
+) -> Vec<ObjectRef<ElectionGroup>> {
     let namespace = pod.namespace().unwrap_or_default();
-    let mut refs: Vec<ObjectRef<ElectionGroup>> = groups
-        .state()
+    let mut refs: Vec<ObjectRef<ElectionGroup>> = index::groups_selecting(groups, group_index, pod)
         .iter()
-        .filter(|g| g.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|g| selector::matches(&g.spec.selector, pod.metadata.labels.as_ref()))
         .map(|g| ObjectRef::from_obj(g.as_ref()))
         .collect();
     if let Some(group) = pod.annotations().get(GROUP_ANNOTATION)
@@ -221,6 +228,19 @@ impl Iterator for WatchBackoff {
 impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
         self.next = Self::FIRST;
+    }
+}
+
+/// Feeds an index the events its store has just applied.
+fn follow<K>(index: &Arc<Index<K>>) -> impl Fn(&Result<watcher::Event<K>, watcher::Error>) + use<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone,
+{
+    let index = index.clone();
+    move |event| {
+        if let Ok(event) = event {
+            index.apply(event);
+        }
     }
 }
 

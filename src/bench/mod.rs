@@ -91,7 +91,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub scale_rounds: Option<usize>,
 
-    /// Length of the steady-state window of each scale run, in seconds [default: 30; 4 with --quick].
+    /// Length of the steady-state window of each scale run, in seconds, rounded up to whole
+    /// renewal periods (TTL/2) so that every group renews equally often inside it
+    /// [default: 30; 4 with --quick].
     #[arg(long)]
     pub window: Option<u64>,
 
@@ -140,6 +142,19 @@ pub struct Settings {
 impl Settings {
     pub fn from_args(args: &BenchArgs) -> Settings {
         let quick = args.quick;
+        let scale_ttl_seconds = if quick {
+            4
+        } else {
+            crate::crd::DEFAULT_LEASE_DURATION_SECONDS
+        };
+        // A window cut mid-period counts the groups whose renewal fell inside it twice as often
+        // as the rest, and the groups were elected in a burst, so their renewals bunch up.
+        let period = crate::election::renew_interval(scale_ttl_seconds);
+        let asked = Duration::from_secs(args.window.unwrap_or(if quick { 4 } else { 30 }));
+        let window = period
+            * u32::try_from(asked.div_duration_f64(period).ceil() as u64)
+                .unwrap_or(u32::MAX)
+                .max(1);
         Settings {
             quick,
             rounds: args.rounds.unwrap_or(if quick { 3 } else { 50 }),
@@ -153,12 +168,8 @@ impl Settings {
                 .unwrap_or(if quick { 1 } else { 5 }),
             peer_scale: if quick { 0.2 } else { 1.0 },
             scale_rounds: args.scale_rounds.unwrap_or(if quick { 2 } else { 20 }),
-            scale_ttl_seconds: if quick {
-                4
-            } else {
-                crate::crd::DEFAULT_LEASE_DURATION_SECONDS
-            },
-            window: Duration::from_secs(args.window.unwrap_or(if quick { 4 } else { 30 })),
+            scale_ttl_seconds,
+            window,
             skip: args.skip.clone(),
         }
     }
@@ -566,6 +577,21 @@ mod tests {
         assert_eq!((quick.rounds, quick.groups.clone()), (3, vec![10]));
         assert!(!quick.runs(Section::Peers) && quick.runs(Section::Scale));
         assert!(Cli::try_parse_from(["bench", "--child-log"]).is_err());
+    }
+
+    #[test]
+    fn the_window_covers_whole_renewal_periods() {
+        let window = |args: &[&str]| Settings::from_args(&Cli::parse_from(args).bench).window;
+        assert_eq!(window(&["bench"]), Duration::from_secs(30));
+        assert_eq!(
+            window(&["bench", "--window", "20"]),
+            Duration::from_millis(22_500)
+        );
+        assert_eq!(
+            window(&["bench", "--window", "0"]),
+            Duration::from_millis(7_500)
+        );
+        assert_eq!(window(&["bench", "--quick"]), Duration::from_secs(4));
     }
 
     #[test]
