@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, watcher};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, controller, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
@@ -69,8 +69,7 @@ pub async fn run(
     let pod_index = Arc::new(Index::new(index::pod_keys));
     let pod_stream = watcher(pods_api, watcher::Config::default().any_semantic())
         .backoff(WatchBackoff::default())
-        // Managed fields are most of a pod's bytes and podium never reads them.
-        .modify(|p: &mut Pod| p.managed_fields_mut().clear())
+        .modify(election::keep_election_fields)
         .reflect(pod_writer)
         .inspect(follow(&pod_index))
         .touched_objects();
@@ -151,6 +150,7 @@ pub async fn run(
         // the same 30 s-capped backoff by default; that hid every pod event for half a minute
         // after an API server restart.
         .trigger_backoff(WatchBackoff::default())
+        .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
         .graceful_shutdown_on(shutdown);
     if let (Some(node_stream), Some(_)) = (node_stream, &nodes) {
         let (groups, group_index) = (groups.clone(), group_index.clone());
@@ -174,6 +174,12 @@ pub async fn run(
         .await;
     tracing::info!("controller stopped");
 }
+
+/// Reconciles in flight at once. Unbounded, creating 1000 groups started 1000 reconciles
+/// together: as many connections to the API server (which sheds load above 200 mutating
+/// requests in flight by default), each with its own TLS and HTTP buffers that stayed in the
+/// operator's memory afterwards. Renewals at steady state need a handful at a time.
+const MAX_CONCURRENT_RECONCILES: u16 = 64;
 
 /// The groups a pod event concerns: those whose selector matches it now, and the one whose
 /// annotation it carries (it may just have stopped matching).

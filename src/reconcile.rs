@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use crate::FIELD_MANAGER;
 use crate::crd::{ElectionGroup, ElectionGroupStatus, FINALIZER, ROLE_LEADER, conditions};
 use crate::election::{
-    self, Decision, LabelWrite, LeaseState, LeaseWrite, Member, Observation, Outcome, Overlap,
+    self, Decision, Handover, LabelWrite, LeaseState, LeaseWrite, Member, Observation, Outcome,
+    Overlap,
 };
 use crate::error::{Error, Result};
 use crate::index::{self, Index};
@@ -249,7 +250,9 @@ async fn execute(
         if let Some(h) = &decision.handover {
             ctx.metrics.leader_changed(&namespace, &name);
             tracing::info!(group = %name, %namespace, from = ?h.from, to = ?h.to, reason = %h.reason, epoch = decision.epoch, "leadership moved");
-            if let Some(from) = &h.from {
+            // With a successor, the LeaderElected event below names the old leader too: one
+            // Event per failover instead of two, as Events are API writes like any other.
+            if let (Some(from), None) = (&h.from, &h.to) {
                 publish(
                     ctx,
                     group,
@@ -301,12 +304,20 @@ async fn execute(
             {
                 ctx.metrics.failover(started.elapsed());
             }
+            let previous = match &decision.handover {
+                Some(Handover {
+                    from: Some(from),
+                    reason,
+                    ..
+                }) if from != pod => format!(", taking over from pod {from} ({reason})"),
+                _ => String::new(),
+            };
             publish(
                 ctx,
                 group,
                 EventType::Normal,
                 "LeaderElected",
-                format!("pod {pod} is the leader at epoch {epoch}"),
+                format!("pod {pod} is the leader at epoch {epoch}{previous}"),
             )
             .await;
         }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
 
 use crate::crd::{EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION, ROLE_LABEL};
 
@@ -140,6 +140,33 @@ fn ready_too_short(
     }
 }
 
+/// Drops what the election never reads before a pod enters the operator's cache. The cache
+/// holds every pod of the watched namespaces, and containers, volumes, owner references,
+/// other tools' annotations and container statuses are most of a real pod's size. Keep this in
+/// step with [`member_from_pod`] (a test checks they agree).
+pub fn keep_election_fields(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| {
+            [EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION].contains(&key.as_str())
+        });
+    }
+    let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
+    pod.spec = Some(PodSpec {
+        node_name,
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        conditions: status
+            .conditions
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        ..Default::default()
+    });
+}
+
 /// Whether a Node is Ready: `None` when it reports no Ready condition at all.
 pub fn node_ready(node: &Node) -> Option<bool> {
     node.status
@@ -246,6 +273,62 @@ mod tests {
         assert_eq!(
             member_from_pod(&p, None, Duration::from_secs(10), at(10)).eligibility,
             Eligibility::Eligible
+        );
+    }
+
+    #[test]
+    fn stripping_a_pod_keeps_everything_the_election_reads() {
+        let full: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-0", "namespace": "ns", "uid": "u-1", "resourceVersion": "42",
+                "labels": { "app": "web", "podium.dev/role": "leader" },
+                "annotations": {
+                    "podium.dev/priority": "5", "podium.dev/epoch": "3", "podium.dev/group": "g",
+                    "kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4096),
+                },
+                "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "r" }],
+                "deletionTimestamp": "2026-01-01T00:00:10Z",
+            },
+            "spec": {
+                "nodeName": "node-1",
+                "containers": [{ "name": "c", "image": "i", "env": [{ "name": "A", "value": "x".repeat(4096) }] }],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": "10.0.0.1",
+                "conditions": [
+                    { "type": "Initialized", "status": "True" },
+                    { "type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z" },
+                ],
+                "containerStatuses": [{ "name": "c", "image": "i", "imageID": "x", "ready": true, "restartCount": 0 }],
+            },
+        }))
+        .unwrap();
+        let mut stripped = full.clone();
+        keep_election_fields(&mut stripped);
+        let mut alive = full.clone();
+        alive.metadata.deletion_timestamp = None;
+        let mut alive_stripped = alive.clone();
+        keep_election_fields(&mut alive_stripped);
+        for (a, b) in [(&full, &stripped), (&alive, &alive_stripped)] {
+            for (node, min_ready) in [(None, 0), (Some(false), 0), (Some(true), 5), (None, 3600)] {
+                let min_ready = Duration::from_secs(min_ready);
+                assert_eq!(
+                    member_from_pod(a, node, min_ready, at(1_000_000)),
+                    member_from_pod(b, node, min_ready, at(1_000_000))
+                );
+            }
+        }
+        assert_eq!(
+            crate::index::pod_keys(&full),
+            crate::index::pod_keys(&stripped)
+        );
+        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+        assert!(
+            size(&stripped) * 10 < size(&full),
+            "{} vs {}",
+            size(&stripped),
+            size(&full)
         );
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::crd::{ElectionGroupSpec, ROLE_FOLLOWER, ROLE_LEADER};
-pub use member::{Eligibility, Member, member_from_pod, node_ready};
+pub use member::{Eligibility, Member, keep_election_fields, member_from_pod, node_ready};
 
 /// Never requeue sooner than this: it bounds the loop when a clock or a Lease is odd.
 pub const MIN_REQUEUE: Duration = Duration::from_millis(100);
