@@ -474,6 +474,7 @@ fn observe<'a>(
         strays,
         lease: lease::state(group, lease),
         overlaps,
+        published_epoch: group.status.as_ref().and_then(|s| s.epoch),
     }
 }
 

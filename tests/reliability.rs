@@ -552,6 +552,69 @@ async fn wait_lease(f: &Fixture, what: &str, check: impl Fn(Option<String>, i32)
     .await;
 }
 
+/// The Lease and the leader pod deleted together while the operator is down: no pod carries the
+/// epoch any more, and the status's epoch keeps the fencing token growing instead of
+/// restarting at 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_deleted_with_its_leader_pod_keeps_the_epoch_growing() {
+    let f = fixture("lost-epoch").await;
+    f.deploy("web", 3).await;
+    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
+    let operator = f.operator().await;
+    f.group("web", "web", json!({})).await;
+    let first = f
+        .wait_leader_other_than(None, Duration::from_secs(5))
+        .await
+        .name_any();
+    f.delete_pod(&first).await;
+    let leader = f
+        .wait_leader_other_than(Some(&first), Duration::from_secs(5))
+        .await
+        .name_any();
+    f.wait_status("web", Some(&leader), Duration::from_secs(3))
+        .await;
+    let (_, epoch) = f.lease_state("web").await;
+    assert!(epoch >= 2, "two terms so far, epoch {epoch}");
+    operator.stop().await;
+
+    f.leases().delete("web", &Default::default()).await.unwrap();
+    let now = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        ..Default::default()
+    };
+    f.pods().delete(&leader, &now).await.unwrap();
+    wait_for(Duration::from_secs(5), "the leader pod gone", || async {
+        f.pods()
+            .get_opt(&leader)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let carried: Vec<String> = f
+        .pods()
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.annotations().get(EPOCH_ANNOTATION).cloned())
+        .collect();
+    assert!(
+        carried.is_empty(),
+        "no pod may carry the epoch: {carried:?}"
+    );
+
+    let operator = f.operator().await;
+    wait_lease(&f, "the Lease recreated one epoch up", |h, e| {
+        h.is_some() && e == epoch + 1
+    })
+    .await;
+    checker::assert_converged(&f.client, &f.ns, "web").await;
+    checker.assert_invariants(&f.client, &f.ns).await;
+    operator.stop().await;
+}
+
 /// A human edits the leader's labels, labels a second leader, points the Lease elsewhere (at a
 /// pod, at nobody that exists), deletes the Lease, changes its TTL: each time podium converges
 /// back, the epoch only grows, and only the hand-made second leader ever doubles the label.

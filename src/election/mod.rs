@@ -59,6 +59,9 @@ pub struct Observation<'a> {
     pub strays: Vec<Member>,
     pub lease: LeaseState,
     pub overlaps: Vec<Overlap>,
+    /// The epoch the group's status last published: with the Lease deleted by hand, it keeps
+    /// the epoch from restarting even when no pod carries it any more.
+    pub published_epoch: Option<i32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,12 +265,13 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     match lease {
         None => {
             // A Lease deleted by hand must not restart the epoch: carry on from the highest
-            // epoch a pod still carries, so fencing tokens keep growing.
+            // epoch a pod still carries or the status published, so fencing tokens keep growing.
             let seen = obs
                 .members
                 .iter()
                 .chain(&obs.strays)
                 .filter_map(|m| m.epoch.as_deref()?.trim().parse::<i32>().ok())
+                .chain(obs.published_epoch)
                 .max()
                 .unwrap_or(0)
                 .max(0);

@@ -917,6 +917,7 @@ fn decide_plan(
         strays,
         lease: lease::state(group, read_lease.as_ref()),
         overlaps: vec![],
+        published_epoch: group.status.as_ref().and_then(|s| s.epoch),
     };
     let d = decide(&obs);
     let lease_write = lease::desired(group, read_lease.as_ref(), &d.lease, now)

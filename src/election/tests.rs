@@ -70,6 +70,7 @@ fn observe<'a>(
         strays: vec![],
         lease,
         overlaps: vec![],
+        published_epoch: None,
     }
 }
 
@@ -643,7 +644,7 @@ proptest! {
         s.paused = paused;
         s.preferred_leader = preferred.map(|i| format!("p{i}"));
         let strays: Vec<Member> = strays.into_iter().enumerate().map(|(i, mut m)| { m.name = format!("s{i}"); m }).collect();
-        let obs = Observation { now: t(now), group: GROUP, spec: &s, members: members.clone(), strays: strays.clone(), lease: lease_state.clone(), overlaps: vec![] };
+        let obs = Observation { now: t(now), group: GROUP, spec: &s, members: members.clone(), strays: strays.clone(), lease: lease_state.clone(), overlaps: vec![], published_epoch: None };
         let d = decide(&obs);
         let before = match &lease_state { LeaseState::Owned(v) => v.transitions, _ => 0 };
 
@@ -712,4 +713,18 @@ pub(crate) fn cases() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000)
+}
+
+#[test]
+fn a_lease_deleted_with_its_leader_pod_continues_from_the_published_epoch() {
+    let s = spec();
+    // No pod carries an epoch any more (the labelled leader was deleted too); the status does.
+    let mut obs = observe(&s, vec![member("b", 0)], LeaseState::Absent, 100);
+    obs.published_epoch = Some(7);
+    let d = decide(&obs);
+    assert_eq!(d.epoch, 8);
+    assert!(matches!(d.lease, LeaseWrite::Create { transitions: 8, .. }));
+    // A pod that carries a higher epoch than the status still wins.
+    obs.members = vec![labelled(member("b", 0), "follower", Some(9))];
+    assert_eq!(decide(&obs).epoch, 10);
 }
