@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::checker::Checker;
-use common::{fixture, pod_ip, wait_for};
+use common::{Elected, elected, fixture, pod_ip, wait_for};
 use kube::ResourceExt;
 use podium::crd::{EPOCH_ANNOTATION, ROLE_LABEL};
 use podium::testbed::kubelet::endpointslice_addresses;
@@ -169,15 +169,12 @@ async fn deleting_the_leader_fails_over_twenty_times_without_two_leaders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_not_ready_leader_fails_over_and_does_not_take_it_back() {
-    let f = fixture("notready").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let operator = f.operator().await;
-    f.group("web", "web", json!({})).await;
-    let first = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let Elected {
+        f,
+        checker,
+        operator,
+        leader: first,
+    } = elected("notready", 3, json!({})).await;
 
     podium::testbed::kubelet::set_pod_not_ready(&f.client, &f.ns, &first)
         .await
@@ -207,15 +204,12 @@ async fn a_not_ready_leader_fails_over_and_does_not_take_it_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_preferred_leader_takes_over_and_gets_it_back_after_an_outage() {
-    let f = fixture("preferred").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let operator = f.operator().await;
-    f.group("web", "web", json!({})).await;
-    let first = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let Elected {
+        f,
+        checker,
+        operator,
+        leader: first,
+    } = elected("preferred", 3, json!({})).await;
     let pods = f.pods().list(&Default::default()).await.unwrap();
     let preferred = pods
         .items
@@ -267,16 +261,12 @@ async fn the_preferred_leader_takes_over_and_gets_it_back_after_an_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_down_for_two_ttls_keeps_the_healthy_leader_on_restart() {
-    let f = fixture("restart").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let operator = f.operator().await;
-    f.group("web", "web", json!({ "leaseDurationSeconds": 2 }))
-        .await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let Elected {
+        f,
+        checker,
+        operator,
+        leader,
+    } = elected("restart", 3, json!({ "leaseDurationSeconds": 2 })).await;
     f.wait_status("web", Some(&leader), Duration::from_secs(2))
         .await;
     let (_, epoch) = f.lease_state("web").await;
@@ -320,15 +310,12 @@ async fn an_operator_down_for_two_ttls_keeps_the_healthy_leader_on_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_labelled_second_leader_is_stripped_and_a_lease_edit_is_undone() {
-    let f = fixture("human").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let operator = f.operator().await;
-    f.group("web", "web", json!({})).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let Elected {
+        f,
+        checker,
+        operator,
+        leader,
+    } = elected("human", 3, json!({})).await;
     let pods = f.pods().list(&Default::default()).await.unwrap();
     let other = pods
         .items
@@ -396,16 +383,12 @@ async fn a_hand_labelled_second_leader_is_stripped_and_a_lease_edit_is_undone() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_groups_renew_but_change_nothing() {
-    let f = fixture("paused").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let operator = f.operator().await;
-    f.group("web", "web", json!({ "leaseDurationSeconds": 2 }))
-        .await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let Elected {
+        f,
+        checker,
+        operator,
+        leader,
+    } = elected("paused", 3, json!({ "leaseDurationSeconds": 2 })).await;
     f.groups()
         .patch(
             "web",
@@ -465,12 +448,12 @@ async fn paused_groups_renew_but_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nobody_eligible_the_label_is_cleared_and_the_next_ready_pod_is_elected() {
-    let f = fixture("noneligible").await;
-    f.deploy("web", 2).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let operator = f.operator().await;
-    f.group("web", "web", json!({})).await;
-    f.wait_leader_other_than(None, Duration::from_secs(2)).await;
+    let Elected {
+        f,
+        checker,
+        operator,
+        leader: _,
+    } = elected("noneligible", 2, json!({})).await;
     let pods: Vec<_> = f.pods().list(&Default::default()).await.unwrap().items;
     for p in &pods {
         podium::testbed::kubelet::set_pod_not_ready(&f.client, &f.ns, &p.name_any())

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::checker::{self, Checker};
 use common::faults::{Fault, Faults};
-use common::{Fixture, fixture, pod_ip, start_operator, wait_for};
+use common::{Elected, Fixture, elected, fixture, pod_ip, start_operator, wait_for};
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use podium::crd::{EPOCH_ANNOTATION, ROLE_LABEL};
@@ -244,15 +244,12 @@ async fn an_operator_killed_at_any_step_of_a_failover_restarts_and_converges() {
 /// cache that had filled before the pod cache, see no members, and fail the leader over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_operator_repeatedly_keeps_the_leader_and_epoch() {
-    let f = fixture("restarts").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let mut operator = f.operator().await;
-    f.group("web", "web", json!({})).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(5))
-        .await
-        .name_any();
+    let Elected {
+        f,
+        checker,
+        mut operator,
+        leader,
+    } = elected("restarts", 3, json!({})).await;
     f.wait_status("web", Some(&leader), Duration::from_secs(5))
         .await;
     wait_followers(&f, 2).await;
@@ -557,15 +554,12 @@ async fn wait_lease(f: &Fixture, what: &str, check: impl Fn(Option<String>, i32)
 /// restarting at 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_deleted_with_its_leader_pod_keeps_the_epoch_growing() {
-    let f = fixture("lost-epoch").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let operator = f.operator().await;
-    f.group("web", "web", json!({})).await;
-    let first = f
-        .wait_leader_other_than(None, Duration::from_secs(5))
-        .await
-        .name_any();
+    let Elected {
+        f,
+        checker,
+        operator,
+        leader: first,
+    } = elected("lost-epoch", 3, json!({})).await;
     f.delete_pod(&first).await;
     let leader = f
         .wait_leader_other_than(Some(&first), Duration::from_secs(5))

@@ -241,6 +241,34 @@ impl Fixture {
     }
 }
 
+/// The opening most election tests share, up to the first leader: three (or `replicas`) pods of
+/// app `web`, a checker watching them from the start, an in-process operator, and the group
+/// `web` with `spec`.
+pub struct Elected {
+    pub f: Fixture,
+    pub checker: checker::Checker,
+    pub operator: Operator,
+    pub leader: String,
+}
+
+pub async fn elected(prefix: &str, replicas: i32, spec: Value) -> Elected {
+    let f = fixture(prefix).await;
+    f.deploy("web", replicas).await;
+    let checker = checker::Checker::start(&f.client, &f.ns, "web", None).await;
+    let operator = f.operator().await;
+    f.group("web", "web", spec).await;
+    let leader = f
+        .wait_leader_other_than(None, Duration::from_secs(5))
+        .await
+        .name_any();
+    Elected {
+        f,
+        checker,
+        operator,
+        leader,
+    }
+}
+
 pub async fn start_operator(
     client: Client,
     ns: &str,
