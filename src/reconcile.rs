@@ -160,10 +160,13 @@ async fn apply(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
         now,
     )
     .await;
+    if let Err(Error::LeaseWrite { .. } | Error::LeaseMoved(_)) = &result {
+        // Whatever we remembered writing, the server has moved past it (or it is gone).
+        ctx.written_leases.forget(&key);
+    }
     if let Err(Error::LeaseWrite { source, .. }) = &result
         && crate::error::status_code(source) == Some(409)
     {
-        ctx.written_leases.forget(&key);
         ctx.stale_leases
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
