@@ -300,19 +300,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
         "a Lease of the same name owned by someone else",
         &format!("Conflict/{reason}: {message}"),
     );
-    f.groups()
-        .delete("taken", &Default::default())
-        .await
-        .unwrap();
-    wait_for(Duration::from_secs(5), "group taken gone", || async {
-        f.groups()
-            .get_opt("taken")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    f.delete_group("taken").await;
     assert_eq!(
         f.leases()
             .get("taken")
@@ -341,19 +329,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
         "preferredLeader naming a pod that does not exist",
         &format!("LeaderElected: {message}"),
     );
-    f.groups()
-        .delete("ghost-pref", &Default::default())
-        .await
-        .unwrap();
-    wait_for(Duration::from_secs(5), "group ghost-pref gone", || async {
-        f.groups()
-            .get_opt("ghost-pref")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    f.delete_group("ghost-pref").await;
 
     // preferredLeader naming a pod that exists only in another namespace: not a member.
     let elsewhere = Testbed::shared()
@@ -386,19 +362,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
         "preferredLeader naming a pod in another namespace",
         &format!("not a member; LeaderElected: {message}"),
     );
-    f.groups()
-        .delete("far-pref", &Default::default())
-        .await
-        .unwrap();
-    wait_for(Duration::from_secs(5), "group far-pref gone", || async {
-        f.groups()
-            .get_opt("far-pref")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    f.delete_group("far-pref").await;
 
     // A 253-character name (the longest Kubernetes allows): its Lease gets the same name, which
     // is also legal, so the election works. Event names are "<object name>.<timestamp>" and
@@ -436,22 +400,16 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
             "works: Lease of the same name, {message}; {events} events recorded (names too long)"
         ),
     );
-    f.groups().delete(&long, &Default::default()).await.unwrap();
-    wait_for(Duration::from_secs(5), "the long group gone", || async {
-        f.groups()
-            .get_opt(&long)
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    f.delete_group(&long).await;
     assert!(f.leases().get_opt(&long).await.unwrap().is_none());
 
     // A priority annotation that is not a number: Degraded says so, and it counts as 0: the pod
     // with a valid higher priority wins, and the bad one stays eligible.
     let (bad, good) = (&web_pods[0], &web_pods[1]);
-    for (pod, priority) in [(bad, "high"), (good, "5")] {
+    // The pod watch delivers in order, so once the operator has seen the bad annotation (the
+    // paused group turns Degraded) it has seen the good one too, and the election that follows
+    // unpausing knows both. Created unpaused, the group raced the annotations into the cache.
+    for (pod, priority) in [(good, "5"), (bad, "high")] {
         f.pods()
             .patch(
                 pod,
@@ -466,11 +424,20 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     create(
         &f,
         "prio",
-        json!({ "selector": { "matchLabels": { "app": "web" } } }),
+        json!({ "selector": { "matchLabels": { "app": "web" } }, "paused": true }),
     )
     .await
     .unwrap();
     let (_, reason, message) = wait_condition(&f, "prio", "Degraded", "True", None).await;
+    f.groups()
+        .patch(
+            "prio",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "paused": false } })),
+        )
+        .await
+        .unwrap();
+    wait_condition(&f, "prio", "LeaderElected", "True", None).await;
     assert!(
         message.contains(bad.as_str()) && message.contains("high"),
         "{message}"

@@ -198,6 +198,28 @@ impl Fixture {
         )
     }
 
+    /// Deletes group `name` and waits until the operator has finished its cleanup and the
+    /// group is gone.
+    pub async fn delete_group(&self, name: &str) {
+        self.groups()
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete group");
+        wait_for(
+            Duration::from_secs(5),
+            &format!("group {name} gone"),
+            || async {
+                self.groups()
+                    .get_opt(name)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     pub async fn delete_pod(&self, name: &str) {
         self.pods()
             .delete(name, &DeleteParams::default())
