@@ -112,24 +112,10 @@ impl Healthy {
         )
         .await;
         f.group("healthy", "healthy", json!({})).await;
-        let leader = wait_for(
-            Duration::from_secs(5),
-            "the healthy group's leader",
-            || async {
-                let pods = f
-                    .pods()
-                    .list(
-                        &ListParams::default().labels(&format!("app=healthy,{ROLE_LABEL}=leader")),
-                    )
-                    .await
-                    .ok()?;
-                match pods.items.as_slice() {
-                    [only] => Some(only.name_any()),
-                    _ => None,
-                }
-            },
-        )
-        .await;
+        let leader = f
+            .wait_app_leader_other_than("healthy", None, Duration::from_secs(5))
+            .await
+            .name_any();
         let state = f.lease_state("healthy").await;
         Healthy {
             checker,
@@ -148,24 +134,10 @@ impl Healthy {
         set_pod_not_ready(&f.client, &f.ns, &self.leader)
             .await
             .unwrap();
-        let next = wait_for(
-            Duration::from_secs(5),
-            "the healthy group to fail over",
-            || async {
-                let pods = f
-                    .pods()
-                    .list(
-                        &ListParams::default().labels(&format!("app=healthy,{ROLE_LABEL}=leader")),
-                    )
-                    .await
-                    .ok()?;
-                match pods.items.as_slice() {
-                    [only] if only.name_any() != self.leader => Some(only.name_any()),
-                    _ => None,
-                }
-            },
-        )
-        .await;
+        let next = f
+            .wait_app_leader_other_than("healthy", Some(&self.leader), Duration::from_secs(5))
+            .await
+            .name_any();
         assert_eq!(
             f.lease_state("healthy").await,
             (Some(next), self.state.1 + 1)

@@ -23,7 +23,7 @@ use kube::api::{Patch, PatchParams};
 use podium::crd::{EPOCH_ANNOTATION, ROLE_LABEL};
 use podium::operator::Operator;
 use podium::testbed::Testbed;
-use podium::testbed::kubelet::{Kubelet, KubeletOptions, set_pod_not_ready, set_pod_running_ready};
+use podium::testbed::kubelet::{set_pod_not_ready, set_pod_running_ready};
 use serde_json::json;
 
 /// The Lease TTL of the fault tests: long, so that no renewal lands among the counted writes.
@@ -268,27 +268,6 @@ async fn restarting_the_operator_repeatedly_keeps_the_leader_and_epoch() {
     operator.stop().await;
 }
 
-/// A private control plane (stopping the shared one would disrupt every other test).
-async fn private_fixture(testbed: &Testbed, prefix: &str) -> Fixture {
-    testbed.install_crd().await.expect("install CRD");
-    let ns = testbed
-        .create_namespace(prefix)
-        .await
-        .expect("create namespace");
-    let client = testbed.client();
-    let kubelet = Kubelet::start(
-        &client,
-        KubeletOptions::new(format!("node-{ns}")).namespace(&ns),
-    )
-    .await
-    .expect("start kubelet");
-    Fixture {
-        client,
-        ns,
-        kubelet,
-    }
-}
-
 async fn renew_time(f: &Fixture) -> jiff::Timestamp {
     f.leases()
         .get("web")
@@ -307,7 +286,7 @@ async fn renew_time(f: &Fixture) -> jiff::Timestamp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_restarting_or_down_past_two_ttls_moves_no_leader() {
     let testbed = Testbed::start().await.expect("private testbed");
-    let f = private_fixture(&testbed, "outage").await;
+    let f = common::fixture_on(&testbed, "outage").await;
     f.deploy("web", 3).await;
     let checker = Checker::start(&f.client, &f.ns, "web", None).await;
     let operator = start_operator(testbed.client(), &f.ns, None).await;

@@ -27,7 +27,11 @@ pub struct Fixture {
 
 /// A fresh namespace on the shared testbed, with the CRD installed and a kubelet for it.
 pub async fn fixture(prefix: &str) -> Fixture {
-    let testbed = Testbed::shared();
+    fixture_on(Testbed::shared(), prefix).await
+}
+
+/// The same on a given control plane (a test that stops its API server needs a private one).
+pub async fn fixture_on(testbed: &Testbed, prefix: &str) -> Fixture {
     testbed.install_crd().await.expect("install CRD");
     let ns = testbed
         .create_namespace(prefix)
@@ -166,21 +170,40 @@ impl Fixture {
 
     /// Waits until exactly one pod is labelled leader and is not `not`; returns it.
     pub async fn wait_leader_other_than(&self, not: Option<&str>, timeout: Duration) -> Pod {
+        self.wait_single_leader(&format!("{ROLE_LABEL}=leader"), not, timeout)
+            .await
+    }
+
+    /// The same among the pods of `app`, for a namespace with several groups.
+    pub async fn wait_app_leader_other_than(
+        &self,
+        app: &str,
+        not: Option<&str>,
+        timeout: Duration,
+    ) -> Pod {
+        self.wait_single_leader(&format!("app={app},{ROLE_LABEL}=leader"), not, timeout)
+            .await
+    }
+
+    async fn wait_single_leader(
+        &self,
+        selector: &str,
+        not: Option<&str>,
+        timeout: Duration,
+    ) -> Pod {
         let pods = self.pods();
-        let not = not.map(String::from);
         wait_for(
             timeout,
-            &format!("a single leader other than {not:?}"),
+            &format!("a single leader ({selector}) other than {not:?}"),
             || {
                 let pods = pods.clone();
-                let not = not.clone();
                 async move {
                     let list = pods
-                        .list(&ListParams::default().labels(&format!("{ROLE_LABEL}=leader")))
+                        .list(&ListParams::default().labels(selector))
                         .await
                         .ok()?;
                     match list.items.as_slice() {
-                        [only] if Some(only.name_any()) != not => Some(only.clone()),
+                        [only] if Some(only.name_any().as_str()) != not => Some(only.clone()),
                         _ => None,
                     }
                 }
