@@ -25,7 +25,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     set -eux; \
     target="$(uname -m)-unknown-linux-musl"; \
-    cargo build --release --locked --target "$target" --bin podium; \
+    cargo build --release --locked --target "$target" -p podium --bin podium; \
     install -D -m 0755 "target/$target/release/podium" /out/podium
 # The binary must be static (distroless/static has no libc) and must start.
 RUN set -eux; \

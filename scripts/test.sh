@@ -19,16 +19,25 @@ export PODIUM_BIN_DIR="${PODIUM_BIN_DIR:-${PODIUM_CACHE:-$HOME/.cache/podium}/bi
 step "cargo fmt --check"
 cargo fmt --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --locked --all-targets -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 step "podium crd matches crds/electiongroup.yaml"
-cargo run --locked --quiet -- crd | diff -u crds/electiongroup.yaml - \
-  || { echo "crds/electiongroup.yaml is stale: run 'cargo run -- crd > crds/electiongroup.yaml'" >&2; exit 1; }
+cargo run --locked --quiet -p podium -- crd | diff -u crds/electiongroup.yaml - \
+  || { echo "crds/electiongroup.yaml is stale: run 'cargo run -p podium -- crd > crds/electiongroup.yaml'" >&2; exit 1; }
 
-step "cargo test (unit, property and integration tests on the local control plane)"
+step "only the operator ships: podium's normal dependencies hold no harness crate"
+harness=$(cargo tree --locked -p podium -e normal --prefix none | awk '{print $1}' | sort -u \
+  | grep -xE 'rcgen|tempfile|tower-test|podium-testkit|podium-bench|podium-demo|proptest' || true)
+if [ -n "$harness" ]; then
+  echo "the shipped podium crate depends on harness crates: $harness" >&2
+  exit 1
+fi
+echo "none"
+
+step "cargo test (unit, model and property tests; integration tests on the local control plane)"
 # The kind end-to-end tests need Docker and are #[ignore]d with that reason; cargo lists them.
-cargo test --locked
+cargo test --locked --workspace
 
 step "no control-plane process outlives the tests"
 # A testbed's processes carry their owner's PID in their temp dir (podium-testbed-<pid>-...).

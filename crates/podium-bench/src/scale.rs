@@ -1,0 +1,481 @@
+//! Section 3: G groups of 3 pods in one namespace. Pods are created directly (bound to a node,
+//! status written as a kubelet would) with bounded concurrency; then a fresh operator starts,
+//! all groups are created, and the bench times the election, measures a steady-state window
+//! (API requests, CPU, memory) and fails over one group while the others run.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use super::operator::OperatorUnderTest;
+use super::procstat;
+use super::{Progress, Rng, create_group, wait_group_eligible};
+use podium_core::crd::ElectionGroup;
+use podium_testkit::counting::Counts;
+use podium_testkit::observe::PodWatch;
+use podium_testkit::testbed::Testbed;
+use podium_testkit::testbed::kubelet::{finalize_deletion, next_pod_ip};
+
+const PODS_PER_GROUP: usize = 3;
+/// Concurrent API calls while creating pods and groups.
+const CONCURRENCY: usize = 32;
+const NODE: &str = "bench-scale-node";
+const WAIT: Duration = Duration::from_secs(60);
+/// How long one failover under load may take before the bench gives up on it.
+const FAILOVER_WAIT: Duration = Duration::from_secs(120);
+
+#[derive(Clone, Debug)]
+pub struct ScaleParams {
+    pub groups: usize,
+    pub ttl_seconds: i32,
+    pub window: Duration,
+    pub failover_rounds: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ScaleResults {
+    pub groups: usize,
+    pub ttl_seconds: i32,
+    pub pods_created_in: Duration,
+    pub groups_created_in: Duration,
+    /// From the first group's creation to every group having exactly one leader.
+    pub elected_after: Option<Duration>,
+    /// Groups with exactly one leader when the wait ended (all of them on success).
+    pub elected_groups: usize,
+    /// Groups that ever showed more than one leader label at once.
+    pub max_multi_leader_groups: usize,
+    /// Operator requests while electing (creation start to all elected).
+    pub election_requests: Counts,
+    pub election_cpu: Duration,
+    /// The steady-state window.
+    pub window: Duration,
+    pub window_requests: Counts,
+    pub window_cpu: Duration,
+    /// Writes to leases, pods, electiongroups and events in the API server's own
+    /// `apiserver_request_total`, all clients, over the window.
+    pub apiserver_writes: Option<u64>,
+    pub apiserver_cpu: Option<Duration>,
+    pub etcd_cpu: Option<Duration>,
+    pub rss_end: u64,
+    pub peak_rss: u64,
+    pub failover: Vec<Duration>,
+    pub failures: Vec<String>,
+}
+
+impl ScaleResults {
+    pub fn floor_writes_per_second(&self) -> f64 {
+        self.groups as f64 / (f64::from(self.ttl_seconds) / 2.0)
+    }
+    pub fn writes_per_second(&self) -> f64 {
+        self.window_requests.writes() as f64 / self.window.as_secs_f64()
+    }
+    pub fn cpu_seconds_per_minute(&self) -> f64 {
+        self.window_cpu.as_secs_f64() * 60.0 / self.window.as_secs_f64()
+    }
+}
+
+/// Where the operator comes from for each scale step.
+pub enum OperatorSource<'a> {
+    Child {
+        bin: &'a std::path::Path,
+        log_dir: &'a std::path::Path,
+    },
+    InProcess,
+}
+
+pub async fn run(
+    testbed: &Testbed,
+    client: &Client,
+    source: &OperatorSource<'_>,
+    params: &ScaleParams,
+    rng: &mut Rng,
+) -> Result<ScaleResults> {
+    let g = params.groups;
+    let label = format!("scale G={g}");
+    let mut results = ScaleResults {
+        groups: g,
+        ttl_seconds: params.ttl_seconds,
+        window: params.window,
+        ..ScaleResults::default()
+    };
+    let ns = testbed
+        .create_namespace(&format!("bench-scale-{g}"))
+        .await?;
+    podium_testkit::testbed::kubelet::create_node(client, NODE).await?;
+    let host_ip = "10.0.255.1".to_string();
+
+    // Pods, directly: a create with spec.nodeName (no scheduler needed) and a status write.
+    let started = Instant::now();
+    let mut progress = Progress::new(format!("{label}: pods"));
+    let total = g * PODS_PER_GROUP;
+    let names: Vec<(String, String)> = (0..g)
+        .flat_map(|i| {
+            (0..PODS_PER_GROUP).map(move |j| (group_name(i), format!("{}-{j}", group_name(i))))
+        })
+        .collect();
+    let mut created = 0usize;
+    let mut stream = futures::stream::iter(names)
+        .map(|(app, name)| {
+            let (client, ns, host_ip) = (client.clone(), ns.clone(), host_ip.clone());
+            async move { create_ready_pod(&client, &ns, &app, &name, &host_ip).await }
+        })
+        .buffer_unordered(CONCURRENCY);
+    while let Some(r) = stream.next().await {
+        r?;
+        created += 1;
+        progress.tick(|| {
+            format!(
+                "{created}/{total} created and Ready ({:.0}/s)",
+                created as f64 / started.elapsed().as_secs_f64()
+            )
+        });
+    }
+    drop(stream);
+    results.pods_created_in = started.elapsed();
+    progress.say(format!(
+        "{total} pods in {:.1}s",
+        results.pods_created_in.as_secs_f64()
+    ));
+    progress.done();
+
+    // A fresh operator for this step, watching this namespace only, so that its memory and
+    // requests are this step's.
+    let mut operator = match source {
+        OperatorSource::Child { bin, log_dir } => {
+            OperatorUnderTest::spawn(
+                bin,
+                testbed.kubeconfig_path(),
+                Some(&ns),
+                false,
+                &log_dir.join(format!("operator-scale-{g}.log")),
+            )
+            .await?
+        }
+        OperatorSource::InProcess => {
+            OperatorUnderTest::in_process(testbed.config(), Some(&ns), false).await?
+        }
+    };
+    let outcome = match operator.wait_ready(WAIT * 2).await {
+        Ok(()) => measure(testbed, client, &operator, &ns, params, &mut results, rng).await,
+        Err(e) => Err(e),
+    };
+    operator.stop().await;
+    outcome?;
+    Ok(results)
+}
+
+async fn measure(
+    testbed: &Testbed,
+    client: &Client,
+    operator: &OperatorUnderTest,
+    ns: &str,
+    params: &ScaleParams,
+    results: &mut ScaleResults,
+    rng: &mut Rng,
+) -> Result<()> {
+    let g = params.groups;
+    let label = format!("scale G={g}");
+    let leaders = PodWatch::start(client, ns, Some("podium.dev/role=leader"), &group_name(0));
+    leaders
+        .wait(WAIT, "the leader watch to sync", |s| s.synced)
+        .await?;
+
+    let counts_start = operator.counts().await?;
+    let cpu_start = operator.proc_sample()?.cpu;
+    let started = Instant::now();
+    let mut progress = Progress::new(format!("{label}: groups"));
+    let mut created = 0usize;
+    let mut stream = futures::stream::iter(0..g)
+        .map(|i| {
+            let (client, ns) = (client.clone(), ns.to_string());
+            async move {
+                let name = group_name(i);
+                create_group(&client, &ns, &name, &name, params.ttl_seconds).await
+            }
+        })
+        .buffer_unordered(CONCURRENCY);
+    while let Some(r) = stream.next().await {
+        r?;
+        created += 1;
+        progress.tick(|| {
+            let s = leaders.now();
+            format!(
+                "{created}/{g} groups created; {} have a leader",
+                s.apps_with_one_leader
+            )
+        });
+    }
+    drop(stream);
+    results.groups_created_in = started.elapsed();
+
+    // Every group with exactly one leader.
+    let deadline = WAIT.max(Duration::from_millis(150) * g as u32);
+    let mut rx_progress = Progress::new(format!("{label}: election"));
+    loop {
+        let s = leaders.now();
+        results.max_multi_leader_groups = results
+            .max_multi_leader_groups
+            .max(s.apps_with_many_leaders);
+        results.elected_groups = s.apps_with_one_leader;
+        if s.apps_with_one_leader == g && s.apps_with_many_leaders == 0 {
+            results.elected_after = Some(started.elapsed());
+            break;
+        }
+        if started.elapsed() > deadline {
+            results.failures.push(format!(
+                "only {}/{g} groups had one leader after {:.0}s",
+                s.apps_with_one_leader,
+                deadline.as_secs_f64()
+            ));
+            break;
+        }
+        rx_progress.tick(|| {
+            format!(
+                "{}/{g} groups have one leader after {:.1}s",
+                s.apps_with_one_leader,
+                started.elapsed().as_secs_f64()
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    results.election_cpu = operator.proc_sample()?.cpu.saturating_sub(cpu_start);
+    results.election_requests = operator.counts().await?.since(&counts_start);
+    rx_progress.say(match results.elected_after {
+        Some(t) => format!(
+            "all {g} groups elected {:.2}s after the first was created",
+            t.as_secs_f64()
+        ),
+        None => format!("{}/{g} groups elected", results.elected_groups),
+    });
+    rx_progress.done();
+
+    // Steady state: let the election's status writes drain and the first renewals pass.
+    let settle = Duration::from_millis(u64::try_from(params.ttl_seconds).unwrap_or(15) * 500)
+        + Duration::from_secs(2);
+    let mut progress = Progress::new(format!("{label}: steady state"));
+    progress.say(format!(
+        "settling {:.1}s, then measuring {:.0}s",
+        settle.as_secs_f64(),
+        params.window.as_secs_f64()
+    ));
+    tokio::time::sleep(settle).await;
+    let apiserver = procstat::find_process("kube-apiserver", &testbed.dir().to_string_lossy());
+    let etcd = procstat::find_process("etcd", &testbed.dir().to_string_lossy());
+    let side_cpu = |pid: Option<u32>| pid.and_then(|p| procstat::sample(p).ok()).map(|s| s.cpu);
+    let api_before = apiserver_writes(client).await.ok();
+    let (apiserver_cpu0, etcd_cpu0) = (side_cpu(apiserver), side_cpu(etcd));
+    let counts0 = operator.counts().await?;
+    let cpu0 = operator.proc_sample()?.cpu;
+    let window_start = Instant::now();
+    while window_start.elapsed() < params.window {
+        let left = params.window.saturating_sub(window_start.elapsed());
+        tokio::time::sleep(left.min(Duration::from_secs(5))).await;
+        let so_far = operator.counts().await?.since(&counts0);
+        progress.say(format!(
+            "{:.0}/{:.0}s: {} writes so far",
+            window_start.elapsed().as_secs_f64(),
+            params.window.as_secs_f64(),
+            so_far.writes()
+        ));
+    }
+    results.window = window_start.elapsed();
+    results.window_requests = operator.counts().await?.since(&counts0);
+    let sample = operator.proc_sample()?;
+    results.window_cpu = sample.cpu.saturating_sub(cpu0);
+    results.apiserver_cpu = side_cpu(apiserver)
+        .zip(apiserver_cpu0)
+        .map(|(a, b)| a.saturating_sub(b));
+    results.etcd_cpu = side_cpu(etcd)
+        .zip(etcd_cpu0)
+        .map(|(a, b)| a.saturating_sub(b));
+    let api_after = apiserver_writes(client).await.ok();
+    results.apiserver_writes = api_after.zip(api_before).map(|(a, b)| a.saturating_sub(b));
+    progress.done();
+
+    // One group fails over while the others run.
+    // A failure here keeps what was measured so far.
+    if results.elected_after.is_some()
+        && let Err(e) = failover_under_load(client, ns, params, results, rng).await
+    {
+        results
+            .failures
+            .push(format!("failover under load stopped: {e:#}"));
+    }
+    let end = operator.proc_sample()?;
+    results.rss_end = end.rss;
+    results.peak_rss = end.peak_rss;
+    Ok(())
+}
+
+async fn failover_under_load(
+    client: &Client,
+    ns: &str,
+    params: &ScaleParams,
+    results: &mut ScaleResults,
+    rng: &mut Rng,
+) -> Result<()> {
+    let g = params.groups;
+    let app = group_name(0);
+    let focus = PodWatch::start(client, ns, Some(&format!("app={app}")), &app);
+    let groups: Api<ElectionGroup> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut progress = Progress::new(format!("scale G={g}: failover of {app}"));
+    let rounds = params.failover_rounds;
+    for round in 1..=rounds {
+        let settled = focus
+            .wait(WAIT, "the group to settle", |s| {
+                s.synced && s.focus_settled(PODS_PER_GROUP)
+            })
+            .await?;
+        wait_group_eligible(&groups, &app, PODS_PER_GROUP as i32, WAIT).await?;
+        tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
+        let old = settled.focus_leaders[0].clone();
+        let t0 = Instant::now();
+        pods.delete(&old, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting leader {old}"))?;
+        let moved = focus
+            .wait(FAILOVER_WAIT, "a new leader", |s| {
+                s.focus_leaders.len() == 1 && s.focus_leaders[0] != old
+            })
+            .await;
+        match moved {
+            Ok(s) => {
+                let took = s.focus_leaders_since.saturating_duration_since(t0);
+                results.failover.push(took);
+                progress.say(format!("{round}/{rounds}: {}", super::stats::ms(took)));
+            }
+            Err(e) => {
+                // An operator this far behind will not catch up for the next round either.
+                results
+                    .failures
+                    .push(format!("failover round {round}: {e:#}; no further rounds"));
+                break;
+            }
+        }
+        // The kubelet's part: finish the deletion; the controller's: a replacement pod.
+        finalize_deletion(client, ns, &old).await?;
+        create_ready_pod(client, ns, &app, &format!("{app}-r{round}"), "10.0.255.1").await?;
+    }
+    progress.done();
+    Ok(())
+}
+
+pub fn group_name(i: usize) -> String {
+    format!("g{i:04}")
+}
+
+/// Creates pod `name` (label `app=<app>`) bound to the bench node and reports it Running and
+/// Ready, as the scheduler and kubelet would: two requests.
+async fn create_ready_pod(
+    client: &Client,
+    ns: &str,
+    app: &str,
+    name: &str,
+    host_ip: &str,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { "app": app } },
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{ "name": "server", "image": "registry.k8s.io/pause:3.9" }],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .with_context(|| format!("creating pod {ns}/{name}"))?;
+    let now = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let ip = next_pod_ip();
+    let condition = |type_: &str| json!({ "type": type_, "status": "True", "lastProbeTime": null, "lastTransitionTime": now });
+    let status = json!({
+        "status": {
+            "phase": "Running",
+            "hostIP": host_ip,
+            "podIP": ip,
+            "podIPs": [{ "ip": ip }],
+            "startTime": now,
+            "conditions": [condition("Initialized"), condition("Ready"), condition("ContainersReady"), condition("PodScheduled")],
+            "containerStatuses": [{
+                "name": "server",
+                "image": "registry.k8s.io/pause:3.9",
+                "imageID": "simulated://registry.k8s.io/pause:3.9",
+                "containerID": format!("simulated://{name}"),
+                "ready": true,
+                "started": true,
+                "restartCount": 0,
+                "state": { "running": { "startedAt": now } },
+            }],
+        }
+    });
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .with_context(|| format!("reporting pod {ns}/{name} Running and Ready"))?;
+    Ok(())
+}
+
+/// Writes (create, update, patch, apply, delete) to the resources podium writes, summed from the
+/// API server's `apiserver_request_total` (all clients).
+async fn apiserver_writes(client: &Client) -> Result<u64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    Ok(sum_writes(&text))
+}
+
+fn sum_writes(text: &str) -> u64 {
+    let mut by: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels.split("\",").find_map(|kv| {
+                let (k, v) = kv.split_once("=\"")?;
+                (k.trim_start_matches(',') == key).then(|| v.trim_end_matches('"').to_string())
+            })
+        };
+        let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else {
+            continue;
+        };
+        let write = matches!(
+            verb.as_str(),
+            "POST" | "PUT" | "PATCH" | "APPLY" | "DELETE" | "DELETECOLLECTION"
+        );
+        let ours = matches!(
+            resource.as_str(),
+            "leases" | "pods" | "electiongroups" | "events"
+        );
+        if write && ours {
+            *by.entry((verb, resource)).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    by.values().sum::<f64>() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_the_api_servers_write_counters() {
+        let text = r#"# HELP apiserver_request_total x
+apiserver_request_total{code="200",component="apiserver",contentType="application/json",dry_run="",group="coordination.k8s.io",resource="leases",scope="resource",subresource="",verb="PUT",version="v1"} 12
+apiserver_request_total{code="200",component="apiserver",contentType="application/json",dry_run="",group="",resource="pods",scope="resource",subresource="status",verb="PATCH",version="v1"} 3
+apiserver_request_total{code="200",component="apiserver",contentType="application/json",dry_run="",group="",resource="pods",scope="namespace",subresource="",verb="LIST",version="v1"} 100
+apiserver_request_total{code="201",component="apiserver",contentType="application/json",dry_run="",group="",resource="configmaps",scope="resource",subresource="",verb="POST",version="v1"} 7
+"#;
+        assert_eq!(sum_writes(text), 15);
+    }
+}

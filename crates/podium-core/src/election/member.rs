@@ -1,0 +1,359 @@
+//! Turns a Pod (and its Node, where readable) into the facts the election needs.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
+
+use crate::crd::{EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION, ROLE_LABEL};
+
+/// Why a member may or may not be elected right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Eligibility {
+    Eligible,
+    Terminating,
+    NotRunning,
+    NotReady,
+    /// Ready, but for less than `minReadySeconds`; eligible after `remaining`.
+    ReadyTooShort {
+        remaining: Duration,
+    },
+    NodeNotReady,
+}
+
+impl Eligibility {
+    pub fn is_eligible(&self) -> bool {
+        matches!(self, Eligibility::Eligible)
+    }
+
+    /// Short reason, used in the LeaderLost event and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Eligibility::Eligible => "Eligible",
+            Eligibility::Terminating => "PodTerminating",
+            Eligibility::NotRunning => "PodNotRunning",
+            Eligibility::NotReady => "PodNotReady",
+            Eligibility::ReadyTooShort { .. } => "ReadyTooShort",
+            Eligibility::NodeNotReady => "NodeNotReady",
+        }
+    }
+}
+
+/// One pod as the election sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    pub uid: String,
+    pub resource_version: String,
+    pub eligibility: Eligibility,
+    /// When the pod last became Ready; earlier ranks higher.
+    pub ready_since: Option<Timestamp>,
+    /// `podium.dev/priority`, higher ranks higher. `None` when absent.
+    pub priority: Option<i64>,
+    /// The annotation's raw text when it is not an integer, so the user can be told.
+    pub invalid_priority: Option<String>,
+    /// The `podium.dev/role` label as it is now.
+    pub role: Option<String>,
+    /// The `podium.dev/epoch` annotation as it is now.
+    pub epoch: Option<String>,
+    /// The `podium.dev/group` annotation as it is now.
+    pub group: Option<String>,
+}
+
+/// `node_ready` is `None` when the node is unknown or cannot be read; only a node that is
+/// known to be NotReady makes its pods ineligible.
+pub fn member_from_pod(
+    pod: &Pod,
+    node_ready: Option<bool>,
+    min_ready: Duration,
+    now: Timestamp,
+) -> Member {
+    let meta = &pod.metadata;
+    let status = pod.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    let is_ready = ready.is_some_and(|c| c.status == "True");
+    let ready_since = ready
+        .filter(|_| is_ready)
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
+    let phase_running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+
+    let eligibility = if meta.deletion_timestamp.is_some() {
+        Eligibility::Terminating
+    } else if !phase_running {
+        Eligibility::NotRunning
+    } else if !is_ready {
+        Eligibility::NotReady
+    } else if node_ready == Some(false) {
+        Eligibility::NodeNotReady
+    } else {
+        ready_too_short(ready_since, min_ready, now)
+    };
+
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let raw_priority = annotation(PRIORITY_ANNOTATION);
+    let parsed_priority = raw_priority.as_deref().map(|p| p.trim().parse::<i64>());
+    Member {
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
+        eligibility,
+        ready_since,
+        priority: parsed_priority.clone().and_then(Result::ok),
+        invalid_priority: match parsed_priority {
+            Some(Err(_)) => raw_priority,
+            _ => None,
+        },
+        role: meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ROLE_LABEL))
+            .cloned(),
+        epoch: annotation(EPOCH_ANNOTATION),
+        group: annotation(GROUP_ANNOTATION),
+    }
+}
+
+fn ready_too_short(
+    ready_since: Option<Timestamp>,
+    min_ready: Duration,
+    now: Timestamp,
+) -> Eligibility {
+    if min_ready.is_zero() {
+        return Eligibility::Eligible;
+    }
+    // A Ready condition without a transition time cannot prove how long it has been Ready.
+    let Some(since) = ready_since else {
+        return Eligibility::ReadyTooShort {
+            remaining: min_ready,
+        };
+    };
+    let ready_for = Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO);
+    if ready_for >= min_ready {
+        Eligibility::Eligible
+    } else {
+        Eligibility::ReadyTooShort {
+            remaining: min_ready - ready_for,
+        }
+    }
+}
+
+/// Drops what the election never reads before a pod enters the operator's cache. The cache
+/// holds every pod of the watched namespaces, and containers, volumes, owner references,
+/// other tools' annotations and container statuses are most of a real pod's size. Keep this in
+/// step with [`member_from_pod`] (a test checks they agree).
+pub fn keep_election_fields(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| {
+            [EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION].contains(&key.as_str())
+        });
+    }
+    let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
+    pod.spec = Some(PodSpec {
+        node_name,
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        conditions: status
+            .conditions
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        ..Default::default()
+    });
+}
+
+/// Whether a Node is Ready: `None` when it reports no Ready condition at all.
+pub fn node_ready(node: &Node) -> Option<bool> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn pod(phase: &str, ready: Option<(&str, Timestamp)>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some("u".into()),
+                resource_version: Some("7".into()),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                conditions: ready.map(|(status, at)| {
+                    vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: status.into(),
+                        last_transition_time: Some(Time(at)),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn running_ready_pod_is_eligible() {
+        let m = member_from_pod(
+            &pod("Running", Some(("True", at(0)))),
+            None,
+            Duration::ZERO,
+            at(1),
+        );
+        assert_eq!(m.eligibility, Eligibility::Eligible);
+        assert_eq!(m.ready_since, Some(at(0)));
+    }
+
+    #[test]
+    fn each_disqualifier_is_reported() {
+        let now = at(100);
+        assert_eq!(
+            member_from_pod(&pod("Pending", None), None, Duration::ZERO, now).eligibility,
+            Eligibility::NotRunning
+        );
+        assert_eq!(
+            member_from_pod(
+                &pod("Running", Some(("False", at(0)))),
+                None,
+                Duration::ZERO,
+                now
+            )
+            .eligibility,
+            Eligibility::NotReady
+        );
+        assert_eq!(
+            member_from_pod(&pod("Running", None), None, Duration::ZERO, now).eligibility,
+            Eligibility::NotReady
+        );
+        assert_eq!(
+            member_from_pod(
+                &pod("Running", Some(("True", at(0)))),
+                Some(false),
+                Duration::ZERO,
+                now
+            )
+            .eligibility,
+            Eligibility::NodeNotReady
+        );
+        let mut terminating = pod("Running", Some(("True", at(0))));
+        terminating.metadata.deletion_timestamp = Some(Time(at(50)));
+        assert_eq!(
+            member_from_pod(&terminating, Some(true), Duration::ZERO, now).eligibility,
+            Eligibility::Terminating
+        );
+    }
+
+    #[test]
+    fn min_ready_seconds_delays_eligibility() {
+        let p = pod("Running", Some(("True", at(0))));
+        assert_eq!(
+            member_from_pod(&p, None, Duration::from_secs(10), at(4)).eligibility,
+            Eligibility::ReadyTooShort {
+                remaining: Duration::from_secs(6)
+            }
+        );
+        assert_eq!(
+            member_from_pod(&p, None, Duration::from_secs(10), at(10)).eligibility,
+            Eligibility::Eligible
+        );
+    }
+
+    #[test]
+    fn stripping_a_pod_keeps_everything_the_election_reads() {
+        let full: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-0", "namespace": "ns", "uid": "u-1", "resourceVersion": "42",
+                "labels": { "app": "web", "podium.dev/role": "leader" },
+                "annotations": {
+                    "podium.dev/priority": "5", "podium.dev/epoch": "3", "podium.dev/group": "g",
+                    "kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4096),
+                },
+                "ownerReferences": [{ "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "r" }],
+                "deletionTimestamp": "2026-01-01T00:00:10Z",
+            },
+            "spec": {
+                "nodeName": "node-1",
+                "containers": [{ "name": "c", "image": "i", "env": [{ "name": "A", "value": "x".repeat(4096) }] }],
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": "10.0.0.1",
+                "conditions": [
+                    { "type": "Initialized", "status": "True" },
+                    { "type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z" },
+                ],
+                "containerStatuses": [{ "name": "c", "image": "i", "imageID": "x", "ready": true, "restartCount": 0 }],
+            },
+        }))
+        .unwrap();
+        let mut stripped = full.clone();
+        keep_election_fields(&mut stripped);
+        let mut alive = full.clone();
+        alive.metadata.deletion_timestamp = None;
+        let mut alive_stripped = alive.clone();
+        keep_election_fields(&mut alive_stripped);
+        for (a, b) in [(&full, &stripped), (&alive, &alive_stripped)] {
+            for (node, min_ready) in [(None, 0), (Some(false), 0), (Some(true), 5), (None, 3600)] {
+                let min_ready = Duration::from_secs(min_ready);
+                assert_eq!(
+                    member_from_pod(a, node, min_ready, at(1_000_000)),
+                    member_from_pod(b, node, min_ready, at(1_000_000))
+                );
+            }
+        }
+        // What the operator's indexes key pods by survives the stripping too.
+        let index_keys = |p: &Pod| {
+            (
+                p.metadata.namespace.clone(),
+                p.metadata.labels.clone(),
+                p.metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(GROUP_ANNOTATION).cloned()),
+                p.spec.as_ref().and_then(|s| s.node_name.clone()),
+            )
+        };
+        assert_eq!(index_keys(&full), index_keys(&stripped));
+        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
+        assert!(
+            size(&stripped) * 10 < size(&full),
+            "{} vs {}",
+            size(&stripped),
+            size(&full)
+        );
+    }
+
+    #[test]
+    fn priority_annotation_parses_or_is_reported() {
+        let mut p = pod("Running", Some(("True", at(0))));
+        p.metadata.annotations =
+            Some([(PRIORITY_ANNOTATION.to_string(), " 42 ".to_string())].into());
+        let m = member_from_pod(&p, None, Duration::ZERO, at(1));
+        assert_eq!((m.priority, m.invalid_priority), (Some(42), None));
+        p.metadata.annotations =
+            Some([(PRIORITY_ANNOTATION.to_string(), "high".to_string())].into());
+        let m = member_from_pod(&p, None, Duration::ZERO, at(1));
+        assert_eq!(
+            (m.priority, m.invalid_priority.as_deref()),
+            (None, Some("high"))
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! Podium's core: the `ElectionGroup` API and every decision of the protocol, as pure
+//! functions. Nothing here talks to an API server or needs an async runtime; the crate does not
+//! even depend on kube's client, so that purity is checked by the compiler.
+//!
+//! - [`crd`]: the `ElectionGroup` types, the single source of truth for the CRD, and the label,
+//!   annotation and condition constants.
+//! - [`election`]: observed group, pods and Lease in; Lease, label and status writes out.
+//! - [`lease`], [`labels`]: the objects and patch bodies those writes become.
+//! - [`selector`], [`validate`]: label-selector matching and the spec rules, checked in code.
+pub mod crd;
+pub mod election;
+pub mod labels;
+pub mod lease;
+pub mod selector;
+pub mod validate;
+
+/// The one field manager for every podium write, so server-side apply and `kubectl` show whose
+/// fields are whose.
+pub const FIELD_MANAGER: &str = "podium";

@@ -1,0 +1,23 @@
+//! The Podium operator. The decisions live in [`podium_core`]; this crate watches, reads the
+//! caches, asks the core, and sends the writes (see docs/design.md).
+//!
+//! - [`reconcile`]: one group: observe, decide, apply the writes in order, report.
+//! - [`controller`]: the watches and how their events map to groups.
+//! - [`lease`], [`labels`]: the two kinds of conditional write.
+//! - [`memory`]: what the operator remembers per group between reconciles.
+//! - [`operator`], [`ha`], [`http`], [`metrics`], [`telemetry`], [`cli`]: running it.
+pub mod cli;
+pub mod controller;
+pub mod error;
+pub mod ha;
+pub mod http;
+pub mod index;
+pub mod labels;
+pub mod lease;
+pub mod memory;
+pub mod metrics;
+pub mod operator;
+pub mod reconcile;
+pub mod telemetry;
+
+pub use podium_core::{FIELD_MANAGER, crd, election, selector, validate};

@@ -1,0 +1,28 @@
+//! `podium`: parse the command line, start telemetry, and run what was asked.
+
+use clap::Parser;
+use podium::cli::{Cli, Command, RunArgs};
+use podium::{crd, operator, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Run(RunArgs::from_env()))
+    {
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => {
+            telemetry::init(args.log_format, "info,kube_runtime=warn");
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot build a Kubernetes client from KUBECONFIG or the in-cluster config: {e}"
+                )
+            })?;
+            operator::run(client, args.operator_config()).await
+        }
+    }
+}

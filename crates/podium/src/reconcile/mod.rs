@@ -1,0 +1,163 @@
+//! Reconcile one ElectionGroup, in typed steps:
+//!
+//! 1. [`observe`]: read the group, its pods and its Lease from the caches into the core's
+//!    [`Observation`](crate::election::Observation);
+//! 2. decide: [`election::decide`], pure;
+//! 3. [`apply`]: send the decision's writes in the protocol's order (Lease, then labels
+//!    break-before-make), each conditional on what was read;
+//! 4. [`report`]: status by server-side apply, Events and metrics.
+//!
+//! A deleted group goes through [`cleanup`] instead.
+
+mod apply;
+mod cleanup;
+mod observe;
+mod report;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{EventType, Recorder};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+
+use crate::crd::{ElectionGroup, FINALIZER};
+use crate::election;
+use crate::error::{Error, Result};
+use crate::index::Index;
+use crate::memory::Memory;
+use crate::metrics::Metrics;
+use crate::validate;
+
+/// What every reconcile shares: the client, the watch caches, the memory, and the reporting
+/// sinks.
+pub struct Context {
+    pub client: Client,
+    pub groups: Store<ElectionGroup>,
+    pub pods: Store<Pod>,
+    pub pod_index: Arc<Index<Pod>>,
+    pub group_index: Arc<Index<ElectionGroup>>,
+    /// `None` when the operator may not read Nodes (namespace-scoped RBAC).
+    pub nodes: Option<Store<Node>>,
+    pub leases: Store<Lease>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Whether this replica holds the operator Lease; only the holder writes.
+    pub leading: watch::Receiver<bool>,
+    /// Whether every cache has had its first full list.
+    pub synced: Arc<AtomicBool>,
+    pub memory: Memory,
+}
+
+pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<Action> {
+    if !*ctx.leading.borrow() {
+        // A standby keeps its caches warm; the trigger fired on gaining leadership brings it here again.
+        return Ok(Action::await_change());
+    }
+    if !ctx.synced.load(Ordering::Acquire) {
+        // The group cache can fill before the pod cache: deciding now would see no members and
+        // fail a healthy leader over (observed on every restart that lost that race).
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
+    let started = Instant::now();
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let api: Api<ElectionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, group, |event| async {
+        match event {
+            FinalizerEvent::Apply(g) => elect(&g, &ctx).await,
+            FinalizerEvent::Cleanup(g) => cleanup::cleanup(&g, &ctx).await,
+        }
+    })
+    .await;
+    ctx.metrics.reconciled(started.elapsed());
+    match result {
+        // Two reconciles of a deleted group can race to remove the finalizer; the second finds
+        // the group already gone, which is the outcome both wanted.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(e))
+            if crate::error::status_code(&e) == Some(404) =>
+        {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    }
+}
+
+pub fn error_policy(group: Arc<ElectionGroup>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_error(error.kind());
+    let ttl = group.spec.lease_duration_seconds.clamp(2, 3600);
+    if error.is_conflict() {
+        tracing::debug!(group = %group.name_any(), %error, "conflict; retrying from fresh state");
+        return Action::requeue(Duration::from_millis(50));
+    }
+    tracing::warn!(group = %group.name_any(), kind = error.kind(), %error, "reconcile failed");
+    // Retry well inside the renewal window so one failed renewal does not cost the Lease.
+    Action::requeue(election::renew_interval(ttl).min(Duration::from_secs(1)) / 2)
+}
+
+/// One live group: observe, decide, apply, report.
+async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
+    let now = Timestamp::now();
+    let seen_at = Instant::now();
+    let name = cached.name_any();
+    let namespace = cached.namespace().ok_or(Error::MissingObjectKey)?;
+    let key = (namespace.clone(), name.clone());
+    let ours = ctx.memory.status_newer_than(&key, Some(cached));
+    let group = ours.as_deref().unwrap_or(cached);
+    let previous = group.status.as_ref();
+
+    if let Err(problems) = validate::validate(&group.spec) {
+        let status = election::status::invalid(previous, &problems, group.metadata.generation, now);
+        if election::status::differs(previous, &status) {
+            report::event(
+                ctx,
+                group,
+                EventType::Warning,
+                "InvalidSpec",
+                problems.join("; "),
+            )
+            .await;
+            report::write_status(ctx, group, &status).await?;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+    let read_lease = observe::read_lease(ctx, &lease_api, &key).await?;
+    let observed = observe::observe(group, ctx, read_lease.as_ref(), &namespace, now);
+    let mut decision = election::decide(&observed);
+    apply::defer_routine_writes(&observed, &mut decision);
+
+    let result = apply::apply(
+        group,
+        ctx,
+        &lease_api,
+        read_lease.as_ref(),
+        &decision,
+        seen_at,
+        now,
+    )
+    .await;
+    if let Err(e) = &result {
+        match e {
+            Error::LeaseWrite { source, .. } => ctx
+                .memory
+                .lease_write_failed(&key, crate::error::status_code(source) == Some(409)),
+            Error::LeaseMoved(_) => ctx.memory.lease_write_failed(&key, false),
+            _ => {}
+        }
+        if e.is_forbidden() {
+            report::forbidden(ctx, group, &observed, &decision, e, now).await;
+        }
+    }
+    result?;
+    report::decided(ctx, group, &observed, &decision, now).await?;
+    Ok(Action::requeue(decision.requeue_after))
+}

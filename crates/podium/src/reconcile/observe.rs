@@ -1,0 +1,113 @@
+//! Step 1: what the group looks like, from the caches, as the core's [`Observation`]. Only the
+//! pods the group selects or once touched are looked at (through the indexes), so a reconcile
+//! costs the same with 10 groups or 3000.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+use super::Context;
+use crate::crd::ElectionGroup;
+use crate::election::{self, Observation, Overlap};
+use crate::error::Result;
+use crate::memory::Key;
+use crate::{index, lease, validate};
+
+/// The group's Lease: our own last write while the cache lags it, else the cache, else (a
+/// Lease podium did not label, or a cache known to be stale) the server.
+pub async fn read_lease(ctx: &Context, api: &Api<Lease>, key: &Key) -> Result<Option<Lease>> {
+    let (namespace, name) = key;
+    let stale = ctx.memory.take_lease_stale(key);
+    let cached = ctx.leases.get(&ObjectRef::new(name).within(namespace));
+    let cached = ctx
+        .memory
+        .lease_newer_than(key, cached.as_deref())
+        .or(cached)
+        .filter(|_| !stale);
+    match cached {
+        Some(l) => Ok(Some((*l).clone())),
+        None => lease::get(api, name).await,
+    }
+}
+
+/// Builds the core's input from the caches.
+pub fn observe<'a>(
+    group: &'a ElectionGroup,
+    ctx: &Context,
+    lease: Option<&Lease>,
+    namespace: &str,
+    now: Timestamp,
+) -> Observation<'a> {
+    let name = group.metadata.name.as_deref().unwrap_or_default();
+    let min_ready = Duration::from_secs(u64::try_from(group.spec.min_ready_seconds).unwrap_or(0));
+    let node_ready = |pod: &Pod| -> Option<bool> {
+        let node = pod.spec.as_ref()?.node_name.as_ref()?;
+        election::node_ready(ctx.nodes.as_ref()?.get(&ObjectRef::new(node))?.as_ref())
+    };
+    // The pod belongs to the oldest valid group selecting it; any other reports an overlap.
+    let claimant = |pod: &Pod| -> Option<String> {
+        index::groups_selecting(&ctx.groups, &ctx.group_index, pod)
+            .into_iter()
+            .filter(|g| g.metadata.name.as_deref() != Some(name))
+            .filter(|g| g.meta().deletion_timestamp.is_none())
+            .filter(|g| validate::validate(&g.spec).is_ok())
+            .filter(|g| is_older(g, group))
+            .min_by(|a, b| ordering_key(a).cmp(&ordering_key(b)))
+            .map(|g| g.name_any())
+    };
+
+    let selected = index::selected_pods(&ctx.pods, &ctx.pod_index, namespace, &group.spec.selector);
+    let mut members = Vec::new();
+    let mut overlaps = Vec::new();
+    for pod in &selected {
+        match claimant(pod) {
+            None => members.push(election::member_from_pod(
+                pod,
+                node_ready(pod),
+                min_ready,
+                now,
+            )),
+            Some(other_group) => overlaps.push(Overlap {
+                pod: pod.name_any(),
+                other_group,
+            }),
+        }
+    }
+    let member_names: HashSet<String> = members.iter().map(|m| m.name.clone()).collect();
+    // Pods carrying our annotation that are not (or no longer) our members: their labels are ours
+    // to clean up.
+    let strays = index::touched_pods(&ctx.pods, &ctx.pod_index, namespace, name)
+        .iter()
+        .filter(|p| !member_names.contains(p.metadata.name.as_deref().unwrap_or_default()))
+        .map(|p| election::member_from_pod(p, node_ready(p), min_ready, now))
+        .collect();
+    Observation {
+        now,
+        group: name,
+        spec: &group.spec,
+        members,
+        strays,
+        lease: lease::state(group, lease),
+        overlaps,
+        published_epoch: group.status.as_ref().and_then(|s| s.epoch),
+    }
+}
+
+/// Creation time, then name: the order in which overlapping groups claim pods.
+fn ordering_key(g: &ElectionGroup) -> (Option<Timestamp>, String) {
+    (
+        g.meta().creation_timestamp.clone().map(|t| t.0),
+        g.name_any(),
+    )
+}
+
+/// Whether `a` was created before `b`; the name breaks ties so both groups agree.
+fn is_older(a: &ElectionGroup, b: &ElectionGroup) -> bool {
+    ordering_key(a) < ordering_key(b)
+}

@@ -1,0 +1,142 @@
+//! Step 4: tell the user. Status goes out by server-side apply under podium's one field
+//! manager, conditional on the resourceVersion read; Events are best effort.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::Context;
+use crate::FIELD_MANAGER;
+use crate::crd::{ElectionGroup, ElectionGroupStatus, ROLE_LEADER, conditions};
+use crate::election::{self, Decision, Observation};
+use crate::error::{Error, Result};
+
+/// After a decision was applied: metrics, and the status when it changed.
+pub async fn decided(
+    ctx: &Context,
+    group: &ElectionGroup,
+    observed: &Observation<'_>,
+    decision: &Decision,
+    now: Timestamp,
+) -> Result<()> {
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    // Leader labels as observed before this reconcile's writes: a hand-made second leader shows
+    // up here (and in the alert) until the next reconcile has removed it.
+    let leader_labels = observed
+        .members
+        .iter()
+        .chain(&observed.strays)
+        .filter(|m| m.role.as_deref() == Some(ROLE_LEADER))
+        .count();
+    ctx.metrics.group_state(
+        &namespace,
+        &group.name_any(),
+        decision.leader.is_some(),
+        leader_labels,
+    );
+    let previous = group.status.as_ref();
+    let status = election::status::from_decision(
+        previous,
+        decision,
+        &observed.overlaps,
+        group.metadata.generation,
+        now,
+    );
+    if election::status::differs(previous, &status) {
+        write_status(ctx, group, &status).await?;
+    }
+    Ok(())
+}
+
+/// Missing RBAC is a deployment problem the user must fix; say so where they look.
+pub async fn forbidden(
+    ctx: &Context,
+    group: &ElectionGroup,
+    observed: &Observation<'_>,
+    decision: &Decision,
+    error: &Error,
+    now: Timestamp,
+) {
+    let message = format!(
+        "podium lacks a permission it needs ({}): {}; grant it in the operator's Role or ClusterRole (the Helm chart's RBAC has it)",
+        error.kind(),
+        error.server_message().unwrap_or("forbidden")
+    );
+    event(ctx, group, EventType::Warning, "Forbidden", message.clone()).await;
+    let mut status = election::status::from_decision(
+        group.status.as_ref(),
+        decision,
+        &observed.overlaps,
+        group.metadata.generation,
+        now,
+    );
+    set_degraded(&mut status, conditions::reasons::FORBIDDEN, message, now);
+    let _ = write_status(ctx, group, &status).await;
+}
+
+pub async fn write_status(
+    ctx: &Context,
+    group: &ElectionGroup,
+    status: &ElectionGroupStatus,
+) -> Result<()> {
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let api: Api<ElectionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": "podium.dev/v1alpha1",
+        "kind": "ElectionGroup",
+        "metadata": { "name": group.name_any(), "resourceVersion": group.resource_version() },
+        "status": status,
+    });
+    let written = api
+        .patch_status(
+            &group.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await;
+    let key = (namespace, group.name_any());
+    let written = written.map_err(|e| {
+        ctx.memory.status_write_failed(&key);
+        Error::StatusPatch(e)
+    })?;
+    ctx.memory
+        .wrote_status(&key, group.resource_version(), written);
+    Ok(())
+}
+
+fn set_degraded(status: &mut ElectionGroupStatus, reason: &str, message: String, now: Timestamp) {
+    status
+        .conditions
+        .retain(|c| c.type_ != conditions::DEGRADED);
+    status.conditions.push(Condition {
+        type_: conditions::DEGRADED.into(),
+        status: conditions::TRUE.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: status.observed_generation,
+        last_transition_time: Time(now),
+    });
+}
+
+pub async fn event(
+    ctx: &Context,
+    group: &ElectionGroup,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    // Events are best effort: failing to record one must not fail the election.
+    if let Err(e) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
+        tracing::debug!(error = %e, "could not publish event");
+    }
+}

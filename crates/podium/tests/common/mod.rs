@@ -1,0 +1,77 @@
+//! What the operator's integration tests add to the test kit: an in-process operator, and the
+//! opening most election tests share.
+#![allow(dead_code, unused_imports)]
+
+use std::time::Duration;
+
+use kube::{Client, ResourceExt};
+use podium::operator::{Operator, OperatorConfig};
+pub use podium_testkit::fixture::{Fixture, fixture, fixture_on, is_ready, pod_ip, wait_for};
+pub use podium_testkit::{checker, faults};
+use serde_json::Value;
+
+/// An operator watching only a fixture's namespace, without operator leader election.
+pub trait RunOperator {
+    async fn operator(&self) -> Operator;
+}
+
+impl RunOperator for Fixture {
+    async fn operator(&self) -> Operator {
+        start_operator(self.client.clone(), &self.ns, None).await
+    }
+}
+
+/// The opening most election tests share, up to the first leader: three (or `replicas`) pods of
+/// app `web`, a checker watching them from the start, an in-process operator, and the group
+/// `web` with `spec`.
+pub struct Elected {
+    pub f: Fixture,
+    pub checker: checker::Checker,
+    pub operator: Operator,
+    pub leader: String,
+}
+
+pub async fn elected(prefix: &str, replicas: i32, spec: Value) -> Elected {
+    let f = fixture(prefix).await;
+    f.deploy("web", replicas).await;
+    let checker = checker::Checker::start(&f.client, &f.ns, "web", None).await;
+    let operator = f.operator().await;
+    f.group("web", "web", spec).await;
+    let leader = f
+        .wait_leader_other_than(None, Duration::from_secs(5))
+        .await
+        .name_any();
+    Elected {
+        f,
+        checker,
+        operator,
+        leader,
+    }
+}
+
+pub async fn start_operator(
+    client: Client,
+    ns: &str,
+    election: Option<podium::ha::ElectionConfig>,
+) -> Operator {
+    podium::telemetry::init(podium::telemetry::LogFormat::Text, "warn,podium=info");
+    let config = OperatorConfig {
+        http_addr: None,
+        watch_namespace: Some(ns.to_string()),
+        election,
+    };
+    let operator = Operator::start(client, config)
+        .await
+        .expect("start operator");
+    let ready = operator.ready.clone();
+    wait_for(Duration::from_secs(10), "operator caches to sync", || {
+        let ready = ready.clone();
+        async move {
+            ready
+                .load(std::sync::atomic::Ordering::Acquire)
+                .then_some(())
+        }
+    })
+    .await;
+    operator
+}
