@@ -14,6 +14,9 @@ pub const ROLE_LEADER: &str = "leader";
 pub const ROLE_FOLLOWER: &str = "follower";
 /// Annotation on the leader pod carrying the fencing epoch (the Lease's `leaseTransitions`).
 pub const EPOCH_ANNOTATION: &str = "podium.dev/epoch";
+/// Annotation stamped on a pod when a handover fences it: the Lease resourceVersion the
+/// handover replaced. Its only job is to change the pod's resourceVersion (docs/design.md).
+pub const FENCE_ANNOTATION: &str = "podium.dev/fence";
 /// Annotation on every member naming the group that manages its role label.
 pub const GROUP_ANNOTATION: &str = "podium.dev/group";
 /// Annotation a user may set on a pod to rank it higher in elections (an integer).

@@ -4,7 +4,9 @@
 
 use serde_json::{Value, json};
 
-use crate::crd::{EPOCH_ANNOTATION, GROUP_ANNOTATION, ROLE_FOLLOWER, ROLE_LABEL, ROLE_LEADER};
+use crate::crd::{
+    EPOCH_ANNOTATION, FENCE_ANNOTATION, GROUP_ANNOTATION, ROLE_FOLLOWER, ROLE_LABEL, ROLE_LEADER,
+};
 use crate::election::LabelWrite;
 
 /// The merge patch for one write. `null` deletes a key in a merge patch.
@@ -34,12 +36,40 @@ pub fn patch_body(write: &LabelWrite, group: &str) -> Value {
         LabelWrite::Strip {
             resource_version, ..
         } => (resource_version, Value::Null, Value::Null, Value::Null),
+        LabelWrite::Fence {
+            lease_version,
+            strip,
+            ..
+        } => return fence_body(lease_version, *strip, group),
     };
+    let mut annotations = json!({ EPOCH_ANNOTATION: epoch, GROUP_ANNOTATION: group_value });
+    if matches!(write, LabelWrite::Strip { .. }) {
+        annotations[FENCE_ANNOTATION] = Value::Null;
+    }
     json!({
         "metadata": {
             "resourceVersion": resource_version,
             "labels": { ROLE_LABEL: role },
-            "annotations": { EPOCH_ANNOTATION: epoch, GROUP_ANNOTATION: group_value },
+            "annotations": annotations,
+        }
+    })
+}
+
+/// No resourceVersion: a fence must land whatever the pod looks like now.
+fn fence_body(lease_version: &str, strip: bool, group: &str) -> Value {
+    let (role, group_value) = if strip {
+        (Value::Null, Value::Null)
+    } else {
+        (json!(ROLE_FOLLOWER), json!(group))
+    };
+    json!({
+        "metadata": {
+            "labels": { ROLE_LABEL: role },
+            "annotations": {
+                EPOCH_ANNOTATION: Value::Null,
+                GROUP_ANNOTATION: group_value,
+                FENCE_ANNOTATION: lease_version,
+            },
         }
     })
 }
@@ -85,5 +115,25 @@ mod tests {
         assert!(body["metadata"]["labels"][ROLE_LABEL].is_null());
         assert!(body["metadata"]["annotations"][GROUP_ANNOTATION].is_null());
         assert_eq!(body["metadata"]["resourceVersion"], "9");
+    }
+
+    #[test]
+    fn a_fence_is_unconditional_and_always_stamps_the_replaced_lease_version() {
+        for strip in [false, true] {
+            let body = patch_body(
+                &LabelWrite::Fence {
+                    pod: "p".into(),
+                    lease_version: "77".into(),
+                    strip,
+                },
+                "web",
+            );
+            assert!(body["metadata"].get("resourceVersion").is_none());
+            assert_eq!(body["metadata"]["annotations"][FENCE_ANNOTATION], "77");
+            assert!(body["metadata"]["annotations"][EPOCH_ANNOTATION].is_null());
+            let role = &body["metadata"]["labels"][ROLE_LABEL];
+            assert_eq!(role.is_null(), strip, "{role}");
+            assert_ne!(role, "leader");
+        }
     }
 }

@@ -65,6 +65,7 @@ pub fn view(lease: &Lease) -> LeaseView {
         acquire_time: spec.acquire_time.map(|t| t.0),
         renew_time: spec.renew_time.map(|t| t.0),
         duration_seconds: spec.lease_duration_seconds,
+        version: lease.metadata.resource_version.clone(),
     }
 }
 

@@ -27,6 +27,8 @@ pub struct LeaseView {
     pub acquire_time: Option<Timestamp>,
     pub renew_time: Option<Timestamp>,
     pub duration_seconds: Option<i32>,
+    /// The Lease's resourceVersion: a transfer fences its holder with it.
+    pub version: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,10 +89,22 @@ pub enum LeaseWrite {
     },
 }
 
-/// One pod write. Each carries the resourceVersion it was decided on, so a write based on a
-/// stale read is refused with 409 instead of overwriting a newer decision.
+/// One pod write. Each but [`LabelWrite::Fence`] carries the resourceVersion it was decided
+/// on, so a write based on a stale read is refused with 409 instead of overwriting a newer
+/// decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LabelWrite {
+    /// Sent before a transfer replaces the Lease version `lease_version`, to the holder that
+    /// version names, whether or not the cache shows that pod: role=follower (or, with
+    /// `strip`, no podium label at all), epoch removed, and `podium.dev/fence` set to that
+    /// version. Unconditional, and it always changes the pod's resourceVersion (the version is
+    /// new to the pod), so any promote of that pod decided on an earlier read is refused. See
+    /// docs/design.md, "Why one leader".
+    Fence {
+        pod: String,
+        lease_version: String,
+        strip: bool,
+    },
     /// role=follower, epoch annotation removed.
     Demote {
         pod: String,
@@ -117,7 +131,8 @@ pub enum LabelWrite {
 impl LabelWrite {
     pub fn pod(&self) -> &str {
         match self {
-            LabelWrite::Demote { pod, .. }
+            LabelWrite::Fence { pod, .. }
+            | LabelWrite::Demote { pod, .. }
             | LabelWrite::Strip { pod, .. }
             | LabelWrite::Promote { pod, .. }
             | LabelWrite::Follow { pod, .. } => pod,
@@ -142,12 +157,22 @@ pub enum Outcome {
     LeaseConflict { owner: String },
 }
 
+/// One request of a decision, in the order [`Decision::steps`] gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step<'d> {
+    Label(&'d LabelWrite),
+    Lease(&'d LeaseWrite),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub lease: LeaseWrite,
     /// Apply in order, each acknowledged before the next: every leader label that must go
     /// comes off before the new one goes on (break before make).
     pub labels: Vec<LabelWrite>,
+    /// How many of `labels` (the fence and the demotions) go before the Lease write; the
+    /// rest (a promote, followers, strays) after it.
+    pub breaks: usize,
     pub leader: Option<Holder>,
     pub epoch: i32,
     pub leader_since: Option<Timestamp>,
@@ -160,6 +185,21 @@ pub struct Decision {
     /// Problems worth telling the user that do not stop the election.
     pub warnings: Vec<String>,
     pub requeue_after: Duration,
+}
+
+impl Decision {
+    /// The writes in the order they must be sent, each acknowledged before the next: the
+    /// fence and every demotion, then the Lease, then the promote and the routine labels. A
+    /// promote is only ever preceded by this decision's own Lease write (see [`decide`]).
+    pub fn steps(&self) -> impl Iterator<Item = Step<'_>> {
+        let breaks = self.breaks.min(self.labels.len());
+        let lease = (self.lease != LeaseWrite::Keep).then_some(Step::Lease(&self.lease));
+        self.labels[..breaks]
+            .iter()
+            .map(Step::Label)
+            .chain(lease)
+            .chain(self.labels[breaks..].iter().map(Step::Label))
+    }
 }
 
 /// Renew at half the TTL, as the etcd recipe and client-go do: a renewal that fails can be
@@ -178,6 +218,7 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     let mut decision = Decision {
         lease: LeaseWrite::Keep,
         labels: Vec::new(),
+        breaks: 0,
         leader: None,
         epoch: 0,
         leader_since: None,
@@ -319,14 +360,27 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             Duration::from_secs(u64::try_from(spec.lease_duration_seconds).unwrap_or(15));
     }
     decision.leader = target_holder;
-    // A transfer also writes to the old holder when this snapshot shows no leader label on it:
-    // the write carries the resourceVersion read, so if the pod cache lags (the holder was
-    // labelled since) it is refused with 409 before anyone is promoted.
+    // A transfer fences the holder the replaced Lease version names, seen in the cache or not.
     let fence = match (&decision.lease, lease) {
-        (LeaseWrite::Transfer { .. }, Some(view)) => view.holder.as_deref(),
+        (LeaseWrite::Transfer { .. }, Some(view)) => view
+            .holder
+            .as_deref()
+            .map(|pod| (pod, view.version.as_deref().unwrap_or_default())),
         _ => None,
     };
-    decision.labels = label_writes(obs, target.map(|m| m.name.as_str()), fence, decision.epoch);
+    let (labels, breaks) =
+        label_writes(obs, target.map(|m| m.name.as_str()), fence, decision.epoch);
+    decision.labels = labels;
+    decision.breaks = breaks;
+    // A promote is safe only on a pod version read before a Lease write of our own that names
+    // it (docs/design.md): when nothing else needs writing, that is a renewal.
+    let promotes = decision
+        .labels
+        .iter()
+        .any(|w| matches!(w, LabelWrite::Promote { .. }));
+    if promotes && decision.lease == LeaseWrite::Keep {
+        decision.lease = LeaseWrite::Renew;
+    }
 
     let soonest_eligible = obs
         .members
@@ -405,20 +459,28 @@ fn loss_reason(
     "PodDeleted".into()
 }
 
-/// Label writes that make the pods agree with the Lease, ordered break-before-make.
+/// Label writes that make the pods agree with the Lease, ordered break-before-make, and how
+/// many of them (the fence and the demotions) go before the Lease write.
 fn label_writes(
     obs: &Observation<'_>,
     leader: Option<&str>,
-    fence: Option<&str>,
+    fence: Option<(&str, &str)>,
     epoch: i32,
-) -> Vec<LabelWrite> {
+) -> (Vec<LabelWrite>, usize) {
     let is_leader_label = |m: &Member| m.role.as_deref() == Some(ROLE_LEADER);
-    let fenced = |m: &Member| fence == Some(m.name.as_str());
+    let fenced = |m: &Member| fence.is_some_and(|(pod, _)| pod == m.name);
     let mut writes = Vec::new();
+    if let Some((pod, lease_version)) = fence.filter(|(pod, _)| Some(*pod) != leader) {
+        writes.push(LabelWrite::Fence {
+            pod: pod.to_string(),
+            lease_version: lease_version.to_string(),
+            strip: obs.strays.iter().any(|s| s.name == pod),
+        });
+    }
     for m in obs
         .members
         .iter()
-        .filter(|m| (is_leader_label(m) || fenced(m)) && Some(m.name.as_str()) != leader)
+        .filter(|m| is_leader_label(m) && !fenced(m) && Some(m.name.as_str()) != leader)
     {
         writes.push(LabelWrite::Demote {
             pod: m.name.clone(),
@@ -428,13 +490,14 @@ fn label_writes(
     for s in obs
         .strays
         .iter()
-        .filter(|s| is_leader_label(s) || fenced(s))
+        .filter(|s| is_leader_label(s) && !fenced(s))
     {
         writes.push(LabelWrite::Strip {
             pod: s.name.clone(),
             resource_version: s.resource_version.clone(),
         });
     }
+    let breaks = writes.len();
     if let Some(m) = leader.and_then(|name| obs.members.iter().find(|m| m.name == name)) {
         let epoch_text = epoch.to_string();
         if !is_leader_label(m)
@@ -473,31 +536,53 @@ fn label_writes(
             resource_version: s.resource_version.clone(),
         });
     }
-    writes
+    (writes, breaks)
 }
 
-/// Label writes that remove every trace of podium from a deleted group's pods.
-pub fn cleanup_writes(pods: &[Member]) -> Vec<LabelWrite> {
-    let mut ordered: Vec<&Member> = pods
+/// What removing a deleted group from its pods takes, in order: `fences`, then deleting the
+/// Lease, then `strips`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Every pod that may lead or be about to: unconditional, so that no promote decided on an
+    /// earlier read lands after the cleanup.
+    pub fences: Vec<LabelWrite>,
+    /// Every other pod with a trace of podium, conditional as usual.
+    pub strips: Vec<LabelWrite>,
+}
+
+/// The writes that remove every trace of podium from a deleted group's pods. `may_lead` names
+/// the pods the Lease, the status or anything else says lead (they need not be cached);
+/// `fence_version` is the Lease resourceVersion about to be deleted (or, without a Lease, any
+/// other version no pod can carry yet, such as the group's).
+pub fn cleanup_writes(pods: &[Member], may_lead: &[&str], fence_version: &str) -> Cleanup {
+    let leads = |m: &Member| m.role.as_deref() == Some(ROLE_LEADER);
+    let mut fenced: Vec<&str> = may_lead.to_vec();
+    fenced.extend(pods.iter().filter(|m| leads(m)).map(|m| m.name.as_str()));
+    fenced.sort_unstable();
+    fenced.dedup();
+    let fences = fenced
         .iter()
-        .filter(|m| m.role.is_some() || m.epoch.is_some() || m.group.is_some())
+        .map(|pod| LabelWrite::Fence {
+            pod: (*pod).to_string(),
+            lease_version: fence_version.to_string(),
+            strip: true,
+        })
         .collect();
-    // Leaders first, so no moment shows a follower stripped while a leader label lingers elsewhere.
-    ordered.sort_by_key(|m| m.role.as_deref() != Some(ROLE_LEADER));
-    ordered
-        .into_iter()
+    let strips = pods
+        .iter()
+        .filter(|m| !fenced.contains(&m.name.as_str()))
+        .filter(|m| m.role.is_some() || m.epoch.is_some() || m.group.is_some())
         .map(|m| LabelWrite::Strip {
             pod: m.name.clone(),
             resource_version: m.resource_version.clone(),
         })
-        .collect()
+        .collect();
+    Cleanup { fences, strips }
 }
 
 fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-#[cfg(test)]
-mod simulation;
 #[cfg(test)]
 mod tests;

@@ -53,6 +53,7 @@ fn lease(holder: Option<&str>, transitions: i32, renewed: i64) -> LeaseState {
         acquire_time: Some(t(0)),
         renew_time: Some(t(renewed)),
         duration_seconds: Some(10),
+        version: Some(format!("lease-{transitions}")),
     })
 }
 
@@ -85,6 +86,13 @@ fn demote(pod: &str) -> LabelWrite {
     LabelWrite::Demote {
         pod: pod.into(),
         resource_version: format!("rv-{pod}"),
+    }
+}
+fn fence(pod: &str, transitions: i32) -> LabelWrite {
+    LabelWrite::Fence {
+        pod: pod.into(),
+        lease_version: format!("lease-{transitions}"),
+        strip: false,
     }
 }
 fn follow(pod: &str) -> LabelWrite {
@@ -169,7 +177,8 @@ fn terminating_holder_fails_over_break_before_make() {
             transitions: 5
         }
     );
-    assert_eq!(d.labels, vec![demote("a"), promote("c", 5)]);
+    assert_eq!(d.labels, vec![fence("a", 4), promote("c", 5)]);
+    assert_eq!(d.breaks, 1);
     assert_eq!(
         d.handover.as_ref().map(|h| h.reason.as_str()),
         Some("PodTerminating")
@@ -188,7 +197,8 @@ fn deleted_holder_fails_over_with_reason() {
             transitions: 5
         }
     );
-    assert_eq!(d.labels, vec![promote("b", 5)]);
+    // The deleted holder is fenced too: a cache that no longer shows a pod proves nothing.
+    assert_eq!(d.labels, vec![fence("a", 4), promote("b", 5)]);
     let h = d.handover.unwrap();
     assert_eq!(
         (h.from.as_deref(), h.to.as_deref(), h.reason.as_str()),
@@ -213,7 +223,7 @@ fn not_ready_holder_and_node_not_ready_holder_fail_over() {
             101,
         ));
         assert_eq!(d.leader, holder("b"), "{why:?}");
-        assert_eq!(d.labels[0], demote("a"));
+        assert_eq!(d.labels[0], fence("a", 1));
         assert_eq!(d.handover.unwrap().reason, why.reason());
     }
 }
@@ -235,7 +245,7 @@ fn nobody_eligible_clears_the_holder_and_every_leader_label() {
     );
     assert_eq!(d.outcome, Outcome::NoEligibleMembers);
     assert_eq!(d.leader, None);
-    assert_eq!(d.labels, vec![demote("a"), follow("b")]);
+    assert_eq!(d.labels, vec![fence("a", 2), follow("b")]);
     // And once someone is eligible again, it is elected at the next epoch.
     let d = decide(&observe(
         &s,
@@ -309,7 +319,7 @@ fn preferred_leader_takes_over_when_eligible_and_only_then() {
             transitions: 3
         }
     );
-    assert_eq!(d.labels, vec![demote("a"), promote("b", 3)]);
+    assert_eq!(d.labels, vec![fence("a", 2), promote("b", 3)]);
     assert_eq!(d.handover.unwrap().reason, "Switchover");
 
     let mut not_ready = members;
@@ -354,8 +364,10 @@ fn after_a_crash_labels_converge_from_the_lease_stripping_first() {
         labelled(member("b", 0), ROLE_FOLLOWER, None),
     ];
     let d = decide(&observe(&s, members, lease(Some("b"), 5, 100), 101));
-    assert_eq!(d.lease, LeaseWrite::Keep);
+    // The promote needs a Lease write of this decision's own, after the demotion.
+    assert_eq!(d.lease, LeaseWrite::Renew);
     assert_eq!(d.labels, vec![demote("a"), promote("b", 5)]);
+    assert_eq!(d.breaks, 1);
 }
 
 #[test]
@@ -442,9 +454,10 @@ fn a_stray_leader_is_stripped_before_anyone_is_promoted() {
     assert_eq!(
         d.labels,
         vec![
-            LabelWrite::Strip {
+            LabelWrite::Fence {
                 pod: "a".into(),
-                resource_version: "rv-a".into()
+                lease_version: "lease-1".into(),
+                strip: true,
             },
             promote("b", 2),
             LabelWrite::Strip {
@@ -484,15 +497,54 @@ fn a_ttl_change_is_written_at_once() {
 }
 
 #[test]
-fn cleanup_strips_leaders_first_and_skips_untouched_pods() {
+fn cleanup_fences_whoever_may_lead_before_stripping_the_rest_and_skips_untouched_pods() {
     let pods = vec![
         labelled(member("f", 0), ROLE_FOLLOWER, None),
         member("plain", 0),
         labelled(member("l", 0), ROLE_LEADER, Some(3)),
     ];
-    let writes = cleanup_writes(&pods);
-    let names: Vec<&str> = writes.iter().map(LabelWrite::pod).collect();
-    assert_eq!(names, vec!["l", "f"]);
+    // The Lease names "h", which the cache does not show (promoted for the first time).
+    let writes = cleanup_writes(&pods, &["h", "l"], "41");
+    let fences: Vec<&str> = writes.fences.iter().map(LabelWrite::pod).collect();
+    assert_eq!(fences, vec!["h", "l"]);
+    assert!(writes.fences.iter().all(|w| matches!(
+        w,
+        LabelWrite::Fence { lease_version, strip: true, .. } if lease_version == "41"
+    )));
+    let strips: Vec<&str> = writes.strips.iter().map(LabelWrite::pod).collect();
+    assert_eq!(strips, vec!["f"]);
+}
+
+#[test]
+fn a_transfer_fences_the_holder_first_even_when_the_cache_does_not_show_it_labelled() {
+    let s = spec();
+    // The pod cache lags: "b" holds the Lease but shows no leader label yet; "a" is eligible.
+    let mut b = member("b", 0);
+    b.eligibility = Eligibility::NotReady;
+    let d = decide(&observe(&s, vec![member("a", 0), b], lease(Some("b"), 4, 100), 100));
+    let steps: Vec<String> = d
+        .steps()
+        .map(|step| match step {
+            Step::Lease(l) => format!("lease {l:?}"),
+            Step::Label(w) => format!("{w:?}"),
+        })
+        .collect();
+    assert!(steps[0].starts_with("Fence { pod: \"b\", lease_version: \"lease-4\""), "{steps:?}");
+    assert!(steps[1].starts_with("lease Transfer"), "{steps:?}");
+    assert!(steps[2].starts_with("Promote { pod: \"a\""), "{steps:?}");
+    assert_eq!(steps.len(), 3, "three sequential writes: {steps:?}");
+}
+
+#[test]
+fn a_promote_without_a_transfer_renews_the_lease_first() {
+    let s = spec();
+    // The Lease names "a" (a crash came between the Lease write and the label), fresh.
+    let d = decide(&observe(&s, vec![member("a", 0), member("b", 0)], lease(Some("a"), 2, 100), 100));
+    let steps: Vec<bool> = d.steps().map(|s| matches!(s, Step::Lease(_))).collect();
+    assert_eq!(d.lease, LeaseWrite::Renew);
+    let promote = d.labels.iter().position(|w| matches!(w, LabelWrite::Promote { .. })).unwrap();
+    assert!(steps.iter().position(|l| *l).unwrap() <= promote + d.breaks, "{steps:?}");
+    assert!(matches!(d.steps().next(), Some(Step::Lease(LeaseWrite::Renew))));
 }
 
 #[test]
@@ -681,7 +733,7 @@ proptest! {
         if let Some(p) = promote_at {
             for (i, w) in d.labels.iter().enumerate() {
                 let was_leader = members.iter().chain(&strays).any(|m| m.name == w.pod() && m.role.as_deref() == Some(ROLE_LEADER));
-                if matches!(w, LabelWrite::Demote { .. } | LabelWrite::Strip { .. }) && was_leader {
+                if matches!(w, LabelWrite::Fence { .. } | LabelWrite::Demote { .. } | LabelWrite::Strip { .. }) && was_leader {
                     prop_assert!(i < p, "demote of {} after promote: {:?}", w.pod(), d.labels);
                 }
             }
@@ -695,8 +747,8 @@ proptest! {
         let initial_leaders = leaders(&roles);
         for w in &d.labels {
             match w {
-                LabelWrite::Demote { pod, .. } | LabelWrite::Follow { pod, .. } => { roles.insert(pod.clone(), Some(ROLE_FOLLOWER.into())); }
-                LabelWrite::Strip { pod, .. } => { roles.insert(pod.clone(), None); }
+                LabelWrite::Demote { pod, .. } | LabelWrite::Follow { pod, .. } | LabelWrite::Fence { pod, strip: false, .. } => { roles.insert(pod.clone(), Some(ROLE_FOLLOWER.into())); }
+                LabelWrite::Strip { pod, .. } | LabelWrite::Fence { pod, strip: true, .. } => { roles.insert(pod.clone(), None); }
                 LabelWrite::Promote { pod, .. } => { roles.insert(pod.clone(), Some(ROLE_LEADER.into())); }
             }
             prop_assert!(leaders(&roles) <= initial_leaders.max(1), "{:?}", d.labels);

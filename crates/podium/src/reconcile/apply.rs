@@ -1,6 +1,7 @@
-//! Step 3: send a decision's writes in the protocol's order. Any failure stops here: what was
-//! written is durable and consistent (Lease first, labels removed before added), and the next
-//! reconcile converges from the Lease.
+//! Step 3: send a decision's writes in the order [`Decision::steps`] gives: the fence and the
+//! demotions, the Lease (compare-and-swap on the version read), then the promote and the
+//! routine labels. Any failure stops here: what was written is durable and consistent, and
+//! the next reconcile converges from the Lease.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -14,7 +15,10 @@ use kube::runtime::events::EventType;
 
 use super::{Context, report};
 use crate::crd::{ElectionGroup, ROLE_LEADER};
-use crate::election::{self, Decision, Handover, LabelWrite, LeaseWrite, Observation, Outcome};
+use crate::election::{
+    self, Decision, Handover, LabelWrite, LeaseWrite, Observation, Outcome, Step,
+};
+use crate::memory::Key;
 use crate::error::{Error, Result};
 use crate::{labels, lease};
 
@@ -34,90 +38,114 @@ pub async fn apply(
         ctx.memory.failover_started(&key, seen_at);
     }
 
-    let mut fresh_lease: Option<Lease> = None;
-    if let Some(desired) = lease::desired(group, read_lease, &decision.lease, now) {
-        let create = matches!(decision.lease, LeaseWrite::Create { .. });
-        let written = lease::write(lease_api, &desired, create).await?;
-        ctx.memory.wrote_lease(
-            &key,
-            read_lease.and_then(|l| l.resource_version()),
-            written.clone(),
-        );
-        fresh_lease = Some(written);
-        if let Some(h) = &decision.handover {
-            ctx.metrics.leader_changed(&namespace, &name);
-            tracing::info!(group = %name, %namespace, from = ?h.from, to = ?h.to, reason = %h.reason, epoch = decision.epoch, "leadership moved");
-            // With a successor, the LeaderElected event below names the old leader too: one
-            // Event per failover instead of two, as Events are API writes like any other.
-            if let (Some(from), None) = (&h.from, &h.to) {
-                report::event(
-                    ctx,
-                    group,
-                    EventType::Normal,
-                    "LeaderLost",
-                    format!("pod {from} lost leadership: {}", h.reason),
-                )
-                .await;
-            }
-        }
-        if decision.leader.is_none() && matches!(decision.outcome, Outcome::NoEligibleMembers) {
-            report::event(
-                ctx,
-                group,
-                EventType::Warning,
-                "NoEligibleMembers",
-                "no member is eligible; the leader label is cleared".into(),
-            )
-            .await;
-        }
-    }
-
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    for write in &decision.labels {
-        if let LabelWrite::Promote { pod, epoch, .. } = write {
-            // Promote only what the Lease says right now: when this reconcile did not write the
-            // Lease itself, a quorum read rules out acting on a stale cache.
-            let current = match fresh_lease.take() {
-                Some(l) => l,
-                None => lease::get(lease_api, &name)
-                    .await?
-                    .ok_or_else(|| Error::LeaseMoved(format!("Lease {name} is gone")))?,
-            };
-            let view = lease::view(&current);
-            if view.holder.as_deref() != Some(pod.as_str()) || view.transitions != *epoch {
-                return Err(Error::LeaseMoved(format!(
-                    "Lease {name} names {:?} at epoch {}, not {pod} at epoch {epoch}",
-                    view.holder, view.transitions
-                )));
+    let mut lease_written = false;
+    for step in decision.steps() {
+        match step {
+            Step::Lease(write) => {
+                write_lease(group, ctx, lease_api, read_lease, decision, write, now).await?;
+                lease_written = true;
             }
-        }
-        labels::apply(&pods, write, &name).await?;
-        if let LabelWrite::Promote { pod, epoch, .. } = write {
-            if let Some(started) = ctx.memory.failover_ended(&key) {
-                ctx.metrics.failover(started.elapsed());
+            Step::Label(write) => {
+                if let LabelWrite::Promote { .. } = write
+                    && !lease_written
+                {
+                    // The core never decides this; refuse rather than promote unfenced.
+                    return Err(Error::LeaseMoved(format!(
+                        "refusing to promote without a Lease write of our own first: {write:?}"
+                    )));
+                }
+                labels::apply(&pods, write, &name).await?;
+                if let LabelWrite::Promote { pod, epoch, .. } = write {
+                    promoted(ctx, group, &key, decision, pod, *epoch).await;
+                }
             }
-            let previous = match &decision.handover {
-                Some(Handover {
-                    from: Some(from),
-                    reason,
-                    ..
-                }) if from != pod => format!(", taking over from pod {from} ({reason})"),
-                _ => String::new(),
-            };
-            report::event(
-                ctx,
-                group,
-                EventType::Normal,
-                "LeaderElected",
-                format!("pod {pod} is the leader at epoch {epoch}{previous}"),
-            )
-            .await;
         }
     }
     if decision.leader.is_none() {
         ctx.memory.failover_ended(&key);
     }
     Ok(())
+}
+
+/// The Lease write of a decision, conditional on the version read; remembered, logged and
+/// reported.
+async fn write_lease(
+    group: &ElectionGroup,
+    ctx: &Context,
+    lease_api: &Api<Lease>,
+    read_lease: Option<&Lease>,
+    decision: &Decision,
+    write: &LeaseWrite,
+    now: Timestamp,
+) -> Result<()> {
+    let name = group.name_any();
+    let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    let key = (namespace.clone(), name.clone());
+    let Some(desired) = lease::desired(group, read_lease, write, now) else {
+        return Ok(());
+    };
+    let create = matches!(write, LeaseWrite::Create { .. });
+    let written = lease::write(lease_api, &desired, create).await?;
+    ctx.memory
+        .wrote_lease(&key, read_lease.and_then(|l| l.resource_version()), written);
+    if let Some(h) = &decision.handover {
+        ctx.metrics.leader_changed(&namespace, &name);
+        tracing::info!(group = %name, %namespace, from = ?h.from, to = ?h.to, reason = %h.reason, epoch = decision.epoch, "leadership moved");
+        // With a successor, the LeaderElected event names the old leader too: one Event per
+        // failover instead of two, as Events are API writes like any other.
+        if let (Some(from), None) = (&h.from, &h.to) {
+            report::event(
+                ctx,
+                group,
+                EventType::Normal,
+                "LeaderLost",
+                format!("pod {from} lost leadership: {}", h.reason),
+            )
+            .await;
+        }
+    }
+    if decision.leader.is_none() && matches!(decision.outcome, Outcome::NoEligibleMembers) {
+        report::event(
+            ctx,
+            group,
+            EventType::Warning,
+            "NoEligibleMembers",
+            "no member is eligible; the leader label is cleared".into(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// A new leader is labelled: the failover is over.
+async fn promoted(
+    ctx: &Context,
+    group: &ElectionGroup,
+    key: &Key,
+    decision: &Decision,
+    pod: &str,
+    epoch: i32,
+) {
+    if let Some(started) = ctx.memory.failover_ended(key) {
+        ctx.metrics.failover(started.elapsed());
+    }
+    let previous = match &decision.handover {
+        Some(Handover {
+            from: Some(from),
+            reason,
+            ..
+        }) if from != pod => format!(", taking over from pod {from} ({reason})"),
+        _ => String::new(),
+    };
+    report::event(
+        ctx,
+        group,
+        EventType::Normal,
+        "LeaderElected",
+        format!("pod {pod} is the leader at epoch {epoch}{previous}"),
+    )
+    .await;
 }
 
 /// At most this many routine label writes (followers, strays without a leader label) per
@@ -139,7 +167,7 @@ pub fn defer_routine_writes(observed: &Observation<'_>, decision: &mut Decision)
     let routine = |w: &LabelWrite| match w {
         LabelWrite::Follow { .. } => true,
         LabelWrite::Strip { pod, .. } => !leader_labelled.contains(pod.as_str()),
-        LabelWrite::Demote { .. } | LabelWrite::Promote { .. } => false,
+        LabelWrite::Fence { .. } | LabelWrite::Demote { .. } | LabelWrite::Promote { .. } => false,
     };
     let safety_end = decision
         .labels

@@ -1,5 +1,5 @@
-//! A deleted group: remove podium's labels and annotations from every pod it touched, then its
-//! Lease, then everything remembered about it.
+//! A deleted group: fence every pod that may lead, delete its Lease (compare-and-swap on the
+//! version read), strip podium's labels from every other pod it touched, and forget it.
 
 use std::time::Duration;
 
@@ -24,14 +24,26 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
         .iter()
         .map(|p| election::member_from_pod(p, None, Duration::ZERO, now))
         .collect();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    for write in election::cleanup_writes(&touched) {
-        labels::apply(&pods, &write, &name).await?;
-    }
     let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
-    if let Some(l) = lease::get(&lease_api, &name).await?
-        && let LeaseState::Owned(_) = lease::state(group, Some(&l))
-    {
+    let owned = lease::get(&lease_api, &name)
+        .await?
+        .filter(|l| matches!(lease::state(group, Some(l)), LeaseState::Owned(_)));
+    // Whoever the server's Lease, the status or the labels say may lead is fenced before the
+    // Lease goes, cached or not: a stale replica's promote cannot land after the cleanup.
+    let holder = owned.as_ref().and_then(|l| lease::view(l).holder);
+    let published = group.status.as_ref().and_then(|s| s.leader.clone());
+    let may_lead: Vec<&str> = holder.iter().chain(&published).map(String::as_str).collect();
+    let fence_version = owned
+        .as_ref()
+        .and_then(|l| l.resource_version())
+        .or_else(|| group.resource_version())
+        .unwrap_or_default();
+    let writes = election::cleanup_writes(&touched, &may_lead, &fence_version);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for write in &writes.fences {
+        labels::apply(&pods, write, &name).await?;
+    }
+    if let Some(l) = owned {
         let params = DeleteParams {
             preconditions: Some(Preconditions {
                 uid: l.uid(),
@@ -49,6 +61,9 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
                 });
             }
         }
+    }
+    for write in &writes.strips {
+        labels::apply(&pods, write, &name).await?;
     }
     ctx.metrics.group_removed(&namespace, &name);
     ctx.memory.forget(&(namespace, name));
