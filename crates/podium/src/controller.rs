@@ -37,6 +37,7 @@ pub async fn run(
     options: Options,
     metrics: Arc<Metrics>,
     leading: watch::Receiver<bool>,
+    claim: watch::Receiver<crate::ha::Claim>,
     ready: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -132,6 +133,7 @@ pub async fn run(
         ),
         metrics,
         leading,
+        claim,
         synced: ready,
         memory: Default::default(),
     });

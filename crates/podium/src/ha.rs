@@ -1,7 +1,9 @@
 //! The operator's own high availability: replicas race for the Lease `podium-operator` with
-//! kube-leader-election, and only the holder reconciles. That crate's writes are not
-//! conditional, so two replicas can briefly both believe they lead; podium's own writes carry
-//! resourceVersions, which is what keeps a stale replica harmless.
+//! kube-leader-election, and only the holder reconciles. This is an optimisation, not the
+//! safety argument: that crate renews with a read followed by an unconditional patch, so two
+//! replicas can briefly both believe they lead, and the handover protocol is safe for any
+//! number of acting replicas (docs/design.md). Still, a replica acts only on a [`Claim`] that
+//! names it and has not expired, checked just before each batch of writes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +15,26 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 
 pub const OPERATOR_LEASE: &str = "podium-operator";
+
+/// This replica's right to write, as kubert's `Claim`: until when it holds the operator
+/// Lease by its own last successful renewal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// No operator election (a single replica): always.
+    Unconditional,
+    Until(Instant),
+    None,
+}
+
+impl Claim {
+    pub fn is_current(&self) -> bool {
+        match self {
+            Claim::Unconditional => true,
+            Claim::Until(until) => Instant::now() < *until,
+            Claim::None => false,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct ElectionConfig {
@@ -29,6 +51,7 @@ pub async fn run(
     client: Client,
     config: ElectionConfig,
     leading: watch::Sender<bool>,
+    claim: watch::Sender<Claim>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -47,12 +70,21 @@ pub async fn run(
     let poll_every = (config.lease_ttl / 7).max(Duration::from_millis(500));
     let mut last_renewed: Option<Instant> = None;
     loop {
+        let sent = Instant::now();
         let now_leading = match lock.try_acquire_or_renew().await {
-            Ok(LeaseLockResult::Acquired(_)) => {
-                last_renewed = Some(Instant::now());
+            // That crate reports `Acquired` after its own unconditional patch; only a Lease that
+            // names this replica counts.
+            Ok(LeaseLockResult::Acquired(lease))
+                if lease
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.holder_identity.as_deref())
+                    == Some(config.identity.as_str()) =>
+            {
+                last_renewed = Some(sent);
                 true
             }
-            Ok(LeaseLockResult::NotAcquired(_)) => false,
+            Ok(LeaseLockResult::Acquired(_) | LeaseLockResult::NotAcquired(_)) => false,
             Err(e) => {
                 // Keep leading only while the last renewal is surely still valid.
                 let still_valid =
@@ -64,6 +96,12 @@ pub async fn run(
         if !now_leading {
             last_renewed = None;
         }
+        // Valid for two thirds of a TTL from when the renewal was sent, so a slow clock or a
+        // slow answer cannot stretch it past the Lease others see.
+        claim.send_replace(match last_renewed {
+            Some(t) => Claim::Until(t + config.lease_ttl * 2 / 3),
+            None => Claim::None,
+        });
         leading.send_if_modified(|was| {
             if *was != now_leading {
                 tracing::info!(identity = %config.identity, leading = now_leading, "operator leadership changed");
@@ -81,6 +119,7 @@ pub async fn run(
         }
     }
     let was_leading = *leading.borrow();
+    claim.send_replace(Claim::None);
     leading.send_replace(false);
     metrics.operator_leader(false);
     if was_leading {

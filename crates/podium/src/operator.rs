@@ -39,6 +39,9 @@ pub struct Operator {
     stopping: Arc<AtomicBool>,
     /// The HTTP server stops last, so that probes see the shutdown.
     stop_http: watch::Sender<bool>,
+    /// The operator Lease is released only once the controller has drained.
+    stop_election: watch::Sender<bool>,
+    controller_done: watch::Receiver<bool>,
 }
 
 impl Operator {
@@ -46,9 +49,16 @@ impl Operator {
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
         let stopping = Arc::new(AtomicBool::new(false));
-        let (stop, stopped) = watch::channel(false);
+        let (stop, _) = watch::channel(false);
         let (stop_http, http_stopped) = watch::channel(false);
         let (leading_tx, leading) = watch::channel(config.election.is_none());
+        let (claim_tx, claim) = watch::channel(if config.election.is_none() {
+            ha::Claim::Unconditional
+        } else {
+            ha::Claim::None
+        });
+        // The election stops after the controller has drained (see `stop`).
+        let (stop_election, election_stopped) = watch::channel(false);
         metrics.operator_leader(config.election.is_none());
         let mut tasks = tokio::task::JoinSet::new();
 
@@ -85,8 +95,9 @@ impl Operator {
                 client.clone(),
                 election,
                 leading_tx,
+                claim_tx,
                 metrics.clone(),
-                stopped.clone(),
+                election_stopped,
             );
             tasks.spawn(async move {
                 election.await;
@@ -95,9 +106,9 @@ impl Operator {
         } else {
             // Keep the sender alive so receivers never see a closed channel.
             tasks.spawn(async move {
-                let mut s = stopped.clone();
+                let mut s = election_stopped;
                 let _ = s.wait_for(|v| *v).await;
-                drop(leading_tx);
+                drop((leading_tx, claim_tx));
                 "the leadership channel"
             });
         }
@@ -110,13 +121,16 @@ impl Operator {
             },
             metrics.clone(),
             leading.clone(),
+            claim,
             ready.clone(),
             async move {
                 let _ = s.wait_for(|v| *v).await;
             },
         );
+        let (controller_done_tx, controller_done) = watch::channel(false);
         tasks.spawn(async move {
             controller.await;
+            controller_done_tx.send_replace(true);
             "the controller"
         });
         Ok(Operator {
@@ -127,6 +141,8 @@ impl Operator {
             ready,
             stopping,
             stop_http,
+            stop_election,
+            controller_done,
         })
     }
 
@@ -142,9 +158,14 @@ impl Operator {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Release);
         let _ = self.stop.send(true);
+        let mut controller_done = self.controller_done.clone();
         let drained = tokio::time::timeout(Duration::from_secs(5), async {
-            // Everything but the HTTP server, which waits for its own signal.
-            while self.tasks.len() > usize::from(self.stop_http.receiver_count() > 0) {
+            // No reconcile may still be writing when the operator Lease goes: a standby would
+            // act at once, and two replicas would be writing.
+            let _ = controller_done.wait_for(|done| *done).await;
+            let _ = self.stop_election.send(true);
+            let other_tasks = usize::from(self.stop_http.receiver_count() > 0);
+            while self.tasks.len() > other_tasks {
                 if self.tasks.join_next().await.is_none() {
                     break;
                 }

@@ -66,13 +66,13 @@ pub struct Observation<'a> {
     pub published_epoch: Option<i32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Holder {
     pub name: String,
     pub uid: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LeaseWrite {
     Keep,
     /// Create the group's Lease. `holder` is `None` when nobody is eligible yet.
@@ -92,7 +92,7 @@ pub enum LeaseWrite {
 /// One pod write. Each but [`LabelWrite::Fence`] carries the resourceVersion it was decided
 /// on, so a write based on a stale read is refused with 409 instead of overwriting a newer
 /// decision.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LabelWrite {
     /// Sent before a transfer replaces the Lease version `lease_version`, to the holder that
     /// version names, whether or not the cache shows that pod: role=follower (or, with

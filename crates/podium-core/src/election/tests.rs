@@ -521,7 +521,12 @@ fn a_transfer_fences_the_holder_first_even_when_the_cache_does_not_show_it_label
     // The pod cache lags: "b" holds the Lease but shows no leader label yet; "a" is eligible.
     let mut b = member("b", 0);
     b.eligibility = Eligibility::NotReady;
-    let d = decide(&observe(&s, vec![member("a", 0), b], lease(Some("b"), 4, 100), 100));
+    let d = decide(&observe(
+        &s,
+        vec![member("a", 0), b],
+        lease(Some("b"), 4, 100),
+        100,
+    ));
     let steps: Vec<String> = d
         .steps()
         .map(|step| match step {
@@ -529,7 +534,10 @@ fn a_transfer_fences_the_holder_first_even_when_the_cache_does_not_show_it_label
             Step::Label(w) => format!("{w:?}"),
         })
         .collect();
-    assert!(steps[0].starts_with("Fence { pod: \"b\", lease_version: \"lease-4\""), "{steps:?}");
+    assert!(
+        steps[0].starts_with("Fence { pod: \"b\", lease_version: \"lease-4\""),
+        "{steps:?}"
+    );
     assert!(steps[1].starts_with("lease Transfer"), "{steps:?}");
     assert!(steps[2].starts_with("Promote { pod: \"a\""), "{steps:?}");
     assert_eq!(steps.len(), 3, "three sequential writes: {steps:?}");
@@ -539,12 +547,27 @@ fn a_transfer_fences_the_holder_first_even_when_the_cache_does_not_show_it_label
 fn a_promote_without_a_transfer_renews_the_lease_first() {
     let s = spec();
     // The Lease names "a" (a crash came between the Lease write and the label), fresh.
-    let d = decide(&observe(&s, vec![member("a", 0), member("b", 0)], lease(Some("a"), 2, 100), 100));
+    let d = decide(&observe(
+        &s,
+        vec![member("a", 0), member("b", 0)],
+        lease(Some("a"), 2, 100),
+        100,
+    ));
     let steps: Vec<bool> = d.steps().map(|s| matches!(s, Step::Lease(_))).collect();
     assert_eq!(d.lease, LeaseWrite::Renew);
-    let promote = d.labels.iter().position(|w| matches!(w, LabelWrite::Promote { .. })).unwrap();
-    assert!(steps.iter().position(|l| *l).unwrap() <= promote + d.breaks, "{steps:?}");
-    assert!(matches!(d.steps().next(), Some(Step::Lease(LeaseWrite::Renew))));
+    let promote = d
+        .labels
+        .iter()
+        .position(|w| matches!(w, LabelWrite::Promote { .. }))
+        .unwrap();
+    assert!(
+        steps.iter().position(|l| *l).unwrap() <= promote + d.breaks,
+        "{steps:?}"
+    );
+    assert!(matches!(
+        d.steps().next(),
+        Some(Step::Lease(LeaseWrite::Renew))
+    ));
 }
 
 #[test]

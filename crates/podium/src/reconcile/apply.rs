@@ -18,8 +18,8 @@ use crate::crd::{ElectionGroup, ROLE_LEADER};
 use crate::election::{
     self, Decision, Handover, LabelWrite, LeaseWrite, Observation, Outcome, Step,
 };
-use crate::memory::Key;
 use crate::error::{Error, Result};
+use crate::memory::Key;
 use crate::{labels, lease};
 
 pub async fn apply(

@@ -12,7 +12,7 @@ use kube::runtime::controller::Action;
 
 use super::Context;
 use crate::crd::ElectionGroup;
-use crate::election::{self, LeaseState, Member};
+use crate::election::{self, LabelWrite, LeaseState, Member};
 use crate::error::{Error, Result};
 use crate::{index, labels, lease};
 
@@ -32,16 +32,30 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     // Lease goes, cached or not: a stale replica's promote cannot land after the cleanup.
     let holder = owned.as_ref().and_then(|l| lease::view(l).holder);
     let published = group.status.as_ref().and_then(|s| s.leader.clone());
-    let may_lead: Vec<&str> = holder.iter().chain(&published).map(String::as_str).collect();
+    let may_lead: Vec<&str> = holder
+        .iter()
+        .chain(&published)
+        .map(String::as_str)
+        .collect();
     let fence_version = owned
         .as_ref()
         .and_then(|l| l.resource_version())
         .or_else(|| group.resource_version())
         .unwrap_or_default();
     let writes = election::cleanup_writes(&touched, &may_lead, &fence_version);
+    if !ctx.claim.borrow().is_current() {
+        return Ok(Action::requeue(super::CLAIM_RETRY));
+    }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    // The fence's own annotation comes off last, conditional on the version the fence left.
+    let mut unfence = Vec::new();
     for write in &writes.fences {
-        labels::apply(&pods, write, &name).await?;
+        if let Some(fenced) = labels::apply(&pods, write, &name).await? {
+            unfence.push(LabelWrite::Strip {
+                pod: write.pod().to_string(),
+                resource_version: fenced.resource_version().unwrap_or_default(),
+            });
+        }
     }
     if let Some(l) = owned {
         let params = DeleteParams {
@@ -62,7 +76,7 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
             }
         }
     }
-    for write in &writes.strips {
+    for write in writes.strips.iter().chain(&unfence) {
         labels::apply(&pods, write, &name).await?;
     }
     ctx.metrics.group_removed(&namespace, &name);

@@ -37,6 +37,9 @@ use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::validate;
 
+/// How soon a reconcile that found its claim lapsed looks again.
+const CLAIM_RETRY: Duration = Duration::from_millis(200);
+
 /// What every reconcile shares: the client, the watch caches, the memory, and the reporting
 /// sinks.
 pub struct Context {
@@ -52,6 +55,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Whether this replica holds the operator Lease; only the holder writes.
     pub leading: watch::Receiver<bool>,
+    /// Until when it holds it: checked just before each batch of writes.
+    pub claim: watch::Receiver<crate::ha::Claim>,
     /// Whether every cache has had its first full list.
     pub synced: Arc<AtomicBool>,
     pub memory: Memory,
@@ -135,6 +140,11 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
     let mut decision = election::decide(&observed);
     apply::defer_routine_writes(&observed, &mut decision);
 
+    if !ctx.claim.borrow().is_current() {
+        // Deciding took us past our claim on the operator Lease: another replica may act now.
+        // Look again soon: a late renewal restores the claim without any other trigger.
+        return Ok(Action::requeue(CLAIM_RETRY));
+    }
     let result = apply::apply(
         group,
         ctx,
