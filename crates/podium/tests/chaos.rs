@@ -982,6 +982,10 @@ async fn one_replica_whose_pod_watch_lags_its_lease_watch_never_shows_two_leader
     let mut not_ready: BTreeSet<String> = BTreeSet::new();
     let mut deleted = 0;
     let mut preferred: Option<String> = None;
+    // The holder before the current one: the operator wrote its labels last, so its cache
+    // holds a stale resourceVersion for it and a promote of it would only be refused.
+    let mut previous: Option<String> = None;
+    let mut last_action = "";
     for step in 0..steps {
         let Some(holder) = watches.holder() else {
             panic!("step {step}: the group's Lease names nobody");
@@ -991,9 +995,22 @@ async fn one_replica_whose_pod_watch_lags_its_lease_watch_never_shows_two_leader
             .into_iter()
             .filter(|p| *p != holder && Some(p) != preferred.as_ref())
             .collect();
-        let action = match rng.next() % 4 {
+        // Prefer a pod the operator has not written lately: its promote goes through, while
+        // the pod cache may not show yet that the current holder carries the leader label.
+        let untouched: Vec<String> = ready
+            .iter()
+            .filter(|p| Some(*p) != previous.as_ref())
+            .cloned()
+            .collect();
+        // Mostly preferredLeader, which the operator sees at once (group watches are not held
+        // back) while its pod cache has not yet shown its own last promote.
+        // Deleting the pod a switchover just promoted, at once, races the promote with the
+        // kubelet and leaves the operator to learn of both late.
+        let after_switchover = last_action == "prefer" && rng.next().is_multiple_of(2);
+        let action = match rng.next() % 5 {
             // Deleting takes a replacement pod a moment to be Ready: not too often.
-            0 if deleted < steps / 5 => "delete",
+            _ if after_switchover && deleted < steps / 3 => "delete",
+            0 if deleted < steps / 3 => "delete",
             1 if ready.len() >= 2 && not_ready.len() < 2 => "not-ready",
             _ => "prefer",
         };
@@ -1008,7 +1025,7 @@ async fn one_replica_whose_pod_watch_lags_its_lease_watch_never_shows_two_leader
                 }
             }
             _ => {
-                let Some(pod) = rng.pick(&ready) else {
+                let Some(pod) = rng.pick(&untouched).or_else(|| rng.pick(&ready)) else {
                     restore_ready(&f, &mut not_ready).await;
                     continue;
                 };
@@ -1028,8 +1045,14 @@ async fn one_replica_whose_pod_watch_lags_its_lease_watch_never_shows_two_leader
             moved_at.elapsed(),
             checker.violations().len()
         );
-        // Act again at once, or after a short pause: the pod cache is still behind either way.
-        let pause = rng.in_range(0..300);
+        previous = Some(holder);
+        last_action = action;
+        // Act again at once, or (one time in three) after a short pause.
+        let pause = if rng.next().is_multiple_of(3) {
+            rng.in_range(0..300)
+        } else {
+            0
+        };
         tokio::time::sleep(Duration::from_millis(pause)).await;
         if step % 4 == 3 {
             restore_ready(&f, &mut not_ready).await;
