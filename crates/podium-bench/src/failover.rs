@@ -7,16 +7,15 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DeleteParams, PostParams};
-use kube::{Client, ResourceExt};
-use serde_json::json;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, DeleteParams};
 
 use super::operator::OperatorUnderTest;
 use super::{Progress, create_group, wait_group_eligible};
-use podium_core::crd::{ElectionGroup, ROLE_LABEL, ROLE_LEADER};
+use podium_core::crd::ElectionGroup;
 use podium_testkit::counting::RequestRecord;
+use podium_testkit::fixture;
 use podium_testkit::observe::{PodWatch, SliceWatch};
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{
@@ -24,7 +23,6 @@ use podium_testkit::testbed::kubelet::{
 };
 
 const APP: &str = "web";
-const SERVICE: &str = "web-leader";
 const REPLICAS: usize = 4;
 /// The group's TTL. Failover does not wait for it; it only sets the renewal rhythm.
 pub const LEASE_SECONDS: i32 = 15;
@@ -110,13 +108,13 @@ pub async fn run(
     )
     .await?;
     let pods = PodWatch::start(client, &ns, Some(&format!("app={APP}")), APP);
-    create_deployment(client, &ns).await?;
+    fixture::create_servers(client, &ns, APP, REPLICAS as i32).await?;
     pods.wait(WAIT, "4 Ready pods", |s| {
         s.synced && s.focus_ready() == REPLICAS
     })
     .await?;
-    create_service(client, &ns).await?;
-    let slices = SliceWatch::start(client, &ns, SERVICE);
+    let service = fixture::create_leader_service(client, &ns, APP).await?;
+    let slices = SliceWatch::start(client, &ns, &service);
 
     let mut results = FailoverResults::default();
     let created = Instant::now();
@@ -255,48 +253,6 @@ pub fn histogram(metrics: &str) -> Option<(u64, f64)> {
         value("podium_failover_seconds_count")? as u64,
         value("podium_failover_seconds_sum")?,
     ))
-}
-
-async fn create_deployment(client: &Client, ns: &str) -> Result<()> {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": { "name": APP },
-        "spec": {
-            "replicas": REPLICAS,
-            "selector": { "matchLabels": { "app": APP } },
-            "template": {
-                "metadata": { "labels": { "app": APP } },
-                "spec": {
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [{
-                        "name": "server",
-                        "image": "registry.k8s.io/pause:3.9",
-                        "ports": [{ "containerPort": 8080 }],
-                    }],
-                },
-            },
-        },
-    }))?;
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .context("creating the Deployment")?;
-    Ok(())
-}
-
-async fn create_service(client: &Client, ns: &str) -> Result<()> {
-    let service: Service = serde_json::from_value(json!({
-        "metadata": { "name": SERVICE },
-        "spec": {
-            "selector": { "app": APP, ROLE_LABEL: ROLE_LEADER },
-            "ports": [{ "port": 80, "targetPort": 8080 }],
-        },
-    }))?;
-    let created = Api::<Service>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &service)
-        .await
-        .context("creating the leader Service")?;
-    tracing::debug!(service = %created.name_any(), "created");
-    Ok(())
 }
 
 #[cfg(test)]

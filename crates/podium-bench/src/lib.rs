@@ -38,12 +38,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use serde_json::json;
 
 use podium::telemetry::{self, LogFormat};
 use podium_core::crd::ElectionGroup;
+use podium_testkit::fixture;
 use podium_testkit::testbed::{self, Testbed};
+use podium_testkit::wait::poll;
 
 use operator::OperatorUnderTest;
 use report::Report;
@@ -411,19 +413,11 @@ fn etcd_version() -> String {
 
 /// Creates ElectionGroup `name` selecting `app=<app>` with the given TTL.
 async fn create_group(client: &Client, ns: &str, name: &str, app: &str, ttl: i32) -> Result<()> {
-    let group: ElectionGroup = serde_json::from_value(json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": name },
-        "spec": {
-            "selector": { "matchLabels": { "app": app } },
-            "leaseDurationSeconds": ttl,
-        },
-    }))?;
-    Api::<ElectionGroup>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &group)
-        .await
-        .with_context(|| format!("creating ElectionGroup {ns}/{name}"))?;
+    let spec = json!({
+        "selector": { "matchLabels": { "app": app } },
+        "leaseDurationSeconds": ttl,
+    });
+    fixture::create_group(client, ns, name, spec).await?;
     Ok(())
 }
 
@@ -434,25 +428,17 @@ async fn wait_group_eligible(
     n: i32,
     timeout: Duration,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let group = groups.get(name).await?;
-        if let Some(status) = &group.status
-            && status.leader.is_some()
-            && status.eligible_members == n
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(anyhow!(
-                "timed out after {}s waiting for ElectionGroup {name} to report {n} eligible \
-                 members and a leader (status: {:?})",
-                timeout.as_secs(),
-                group.status
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("ElectionGroup {name} to report {n} eligible members and a leader");
+    let mut last = None;
+    let waited = poll(timeout, Duration::from_millis(20), &what, async || {
+        last = groups.get(name).await?.status;
+        Ok(last
+            .as_ref()
+            .is_some_and(|s| s.leader.is_some() && s.eligible_members == n)
+            .then_some(()))
+    })
+    .await;
+    waited.map_err(|e| anyhow!("{e:#} (status: {last:?})"))
 }
 
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);

@@ -22,9 +22,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -33,10 +32,13 @@ use serde_json::{Value, json};
 use podium::operator::{Operator, OperatorConfig};
 use podium::telemetry::{self, LogFormat};
 use podium_core::crd::{EPOCH_ANNOTATION, ElectionGroup, ROLE_LABEL, ROLE_LEADER};
+use podium_testkit::fixture;
+use podium_testkit::pod::{is_ready, is_serving, pod_ip};
 use podium_testkit::testbed::kubelet::{
     Kubelet, KubeletOptions, SliceEndpoint, endpointslice_endpoints, set_pod_not_ready,
 };
 use podium_testkit::testbed::{self, Testbed};
+use podium_testkit::wait::poll;
 
 /// Namespace the demo works in.
 pub const NAMESPACE: &str = "demo";
@@ -220,6 +222,15 @@ struct Session {
     leader: Option<Leader>,
 }
 
+impl Session {
+    /// The leader as of the last failover.
+    fn leader(&self) -> Result<Leader> {
+        self.leader
+            .clone()
+            .ok_or_else(|| anyhow!("lost track of the leader"))
+    }
+}
+
 /// A leader as the demo saw it on its pod.
 #[derive(Clone, Debug)]
 struct Leader {
@@ -229,6 +240,15 @@ struct Leader {
 }
 
 impl Leader {
+    /// The new leader of `failover`.
+    fn after(failover: &Failover) -> Leader {
+        Leader {
+            name: failover.new_leader.clone(),
+            ip: failover.new_leader_ip.clone(),
+            epoch: failover.epoch,
+        }
+    }
+
     fn of(pod: &Pod) -> Leader {
         Leader {
             name: pod.name_any(),
@@ -304,6 +324,7 @@ async fn script<W: Write>(
     s.metrics_addr = metrics_addr;
     poll(
         OPERATOR_SYNC_TIMEOUT,
+        POLL,
         "the operator's caches to sync",
         async || Ok(ready.load(Ordering::Acquire).then_some(())),
     )
@@ -329,12 +350,12 @@ async fn script<W: Write>(
     ui.ok(format!(
         "namespace {NAMESPACE}, node {NODE} with a simulated kubelet"
     ))?;
-    create_deployment(&client).await?;
+    fixture::create_servers(&client, NAMESPACE, APP, REPLICAS as i32).await?;
     wait_ready_pods(&client, REPLICAS).await?;
     ui.ok(format!(
         "Deployment {APP}: {REPLICAS} pods (pause image) Running and Ready"
     ))?;
-    create_service(&client).await?;
+    fixture::create_leader_service(&client, NAMESPACE, APP).await?;
     ui.ok(format!(
         "Service {SERVICE}: selector app={APP}, {ROLE_LABEL}={ROLE_LEADER} (no endpoints yet)"
     ))?;
@@ -397,18 +418,11 @@ async fn script<W: Write>(
                 "the newcomer joined as a follower.",
             ])?;
         }
-        let old = s
-            .leader
-            .clone()
-            .ok_or_else(|| anyhow!("lost track of the leader"))?;
+        let old = s.leader()?;
         ui.command(&format!("kubectl delete pod -n {NAMESPACE} {}", old.name))?;
         let failover = fail_over(&client, &old, Cause::PodDeleted).await?;
         print_failover(ui, &old, &failover)?;
-        s.leader = Some(Leader {
-            name: failover.new_leader.clone(),
-            ip: failover.new_leader_ip.clone(),
-            epoch: failover.epoch,
-        });
+        s.leader = Some(Leader::after(&failover));
         report.failovers.push(failover);
         wait_ready_pods(&client, REPLICAS).await?;
         ui.ok(format!(
@@ -424,21 +438,14 @@ async fn script<W: Write>(
         "pod keeps running, but a NotReady pod may not lead: the same handover follows, and the",
         "old leader stays in the group as a follower.",
     ])?;
-    let old = s
-        .leader
-        .clone()
-        .ok_or_else(|| anyhow!("lost track of the leader"))?;
+    let old = s.leader()?;
     ui.command(&format!(
         "# the kubelet reports {}: Ready=False (readiness probe failing)",
         old.name
     ))?;
     let failover = fail_over(&client, &old, Cause::PodNotReady).await?;
     print_failover(ui, &old, &failover)?;
-    s.leader = Some(Leader {
-        name: failover.new_leader.clone(),
-        ip: failover.new_leader_ip.clone(),
-        epoch: failover.epoch,
-    });
+    s.leader = Some(Leader::after(&failover));
     report.failovers.push(failover);
 
     // ⑦ Summary.
@@ -519,15 +526,15 @@ fn local_addr() -> Option<SocketAddr> {
 }
 
 fn group_manifest() -> Value {
-    json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": GROUP_NAME, "namespace": NAMESPACE },
-        "spec": {
+    let mut group = fixture::group_manifest(
+        GROUP_NAME,
+        json!({
             "selector": { "matchLabels": { "app": APP } },
             "leaseDurationSeconds": LEASE_SECONDS,
-        },
-    })
+        }),
+    );
+    group["metadata"]["namespace"] = NAMESPACE.into();
+    group
 }
 
 async fn create_namespace(client: &Client) -> Result<()> {
@@ -540,72 +547,6 @@ async fn create_namespace(client: &Client) -> Result<()> {
     Ok(())
 }
 
-async fn create_deployment(client: &Client) -> Result<()> {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": { "name": APP },
-        "spec": {
-            "replicas": REPLICAS,
-            "selector": { "matchLabels": { "app": APP } },
-            "template": {
-                "metadata": { "labels": { "app": APP } },
-                "spec": {
-                    "containers": [{
-                        "name": "server",
-                        "image": "registry.k8s.io/pause:3.9",
-                        "ports": [{ "containerPort": 8080 }],
-                    }],
-                },
-            },
-        },
-    }))?;
-    Api::<Deployment>::namespaced(client.clone(), NAMESPACE)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .with_context(|| format!("cannot create Deployment {APP}"))?;
-    Ok(())
-}
-
-async fn create_service(client: &Client) -> Result<()> {
-    let service: Service = serde_json::from_value(json!({
-        "metadata": { "name": SERVICE },
-        "spec": {
-            "selector": { "app": APP, ROLE_LABEL: ROLE_LEADER },
-            "ports": [{ "port": 80, "targetPort": 8080 }],
-        },
-    }))?;
-    Api::<Service>::namespaced(client.clone(), NAMESPACE)
-        .create(&PostParams::default(), &service)
-        .await
-        .with_context(|| format!("cannot create Service {SERVICE}"))?;
-    Ok(())
-}
-
-/// Polls `check` every [`POLL`] until it yields a value, or fails naming `what` (and the last
-/// error, if the checks failed) after `timeout`.
-async fn poll<T>(
-    timeout: Duration,
-    what: &str,
-    mut check: impl AsyncFnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last_error = None;
-    loop {
-        match check().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last_error = Some(e),
-        }
-        if Instant::now() >= deadline {
-            let message = format!("timed out after {}s waiting for {what}", timeout.as_secs());
-            return Err(match last_error {
-                Some(e) => e.context(message),
-                None => anyhow!(message),
-            });
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 fn pods_api(client: &Client) -> Api<Pod> {
     Api::namespaced(client.clone(), NAMESPACE)
 }
@@ -615,15 +556,11 @@ async fn wait_ready_pods(client: &Client, n: usize) -> Result<()> {
     let selector = ListParams::default().labels(&format!("app={APP}"));
     poll(
         READY_TIMEOUT,
+        POLL,
         &format!("{n} Ready pods of Deployment {APP}"),
         async || {
             let list = pods.list(&selector).await?;
-            let ready = list
-                .items
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
-                .count();
-            Ok((ready == n).then_some(()))
+            Ok((list.iter().filter(|p| is_serving(p)).count() == n).then_some(()))
         },
     )
     .await
@@ -642,7 +579,7 @@ async fn wait_leader_label(
         Some(old) => format!("a pod other than {old} to carry {ROLE_LABEL}={ROLE_LEADER}"),
         None => format!("a pod to carry {ROLE_LABEL}={ROLE_LEADER}"),
     };
-    poll(FAILOVER_TIMEOUT, &what, async || {
+    poll(FAILOVER_TIMEOUT, POLL, &what, async || {
         let list = pods.list(&selector).await?;
         Ok(match list.items.as_slice() {
             [only] if Some(only.name_any().as_str()) != old => {
@@ -660,46 +597,46 @@ fn ready_endpoints(endpoints: Vec<SliceEndpoint>) -> Vec<SliceEndpoint> {
     ready
 }
 
+/// Waits until the Service routes to exactly one address, one that `wanted` accepts; returns it
+/// and the time since `since`.
+async fn wait_service_routes(
+    client: &Client,
+    since: Instant,
+    what: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<(String, Duration)> {
+    poll(FAILOVER_TIMEOUT, POLL, what, async || {
+        let ready = ready_endpoints(endpointslice_endpoints(client, NAMESPACE, SERVICE).await?);
+        Ok(match ready.as_slice() {
+            [only] if wanted(&only.address) => Some((only.address.clone(), since.elapsed())),
+            _ => None,
+        })
+    })
+    .await
+}
+
 /// Waits until the Service routes to exactly one address and it is not `old_ip`.
 async fn wait_service_moves(
     client: &Client,
     old_ip: &str,
     since: Instant,
 ) -> Result<(String, Duration)> {
-    poll(
-        FAILOVER_TIMEOUT,
-        &format!("Service {SERVICE} to route to one pod other than {old_ip}"),
-        async || {
-            let ready = ready_endpoints(endpointslice_endpoints(client, NAMESPACE, SERVICE).await?);
-            Ok(match ready.as_slice() {
-                [only] if only.address != old_ip => Some((only.address.clone(), since.elapsed())),
-                _ => None,
-            })
-        },
-    )
-    .await
+    let what = format!("Service {SERVICE} to route to one pod other than {old_ip}");
+    wait_service_routes(client, since, &what, |a| a != old_ip).await
 }
 
 /// Waits until the Service routes to `ip` and only to it.
 async fn wait_service_is(client: &Client, ip: &str, since: Instant) -> Result<Duration> {
-    poll(
-        FAILOVER_TIMEOUT,
-        &format!("Service {SERVICE} to route to {ip} only"),
-        async || {
-            let ready = ready_endpoints(endpointslice_endpoints(client, NAMESPACE, SERVICE).await?);
-            Ok(match ready.as_slice() {
-                [only] if only.address == ip => Some(since.elapsed()),
-                _ => None,
-            })
-        },
-    )
-    .await
+    let what = format!("Service {SERVICE} to route to {ip} only");
+    let (_, after) = wait_service_routes(client, since, &what, |a| a == ip).await?;
+    Ok(after)
 }
 
 async fn wait_status_leader(client: &Client, leader: &str) -> Result<()> {
     let groups: Api<ElectionGroup> = Api::namespaced(client.clone(), NAMESPACE);
     poll(
         FAILOVER_TIMEOUT,
+        POLL,
         &format!("ElectionGroup {GROUP_NAME} to report {leader} as leader"),
         async || {
             let group = groups.get(GROUP_NAME).await?;
@@ -965,20 +902,6 @@ async fn clean_up<W: Write>(ui: &mut Ui<W>, session: Option<Session>) {
         "kube-controller-manager, kube-apiserver and etcd stopped; {} removed",
         dir.display()
     ));
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_ip(pod: &Pod) -> String {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .unwrap_or_default()
 }
 
 /// A Prometheus sample without labels, e.g. `podium_failover_seconds_count`.

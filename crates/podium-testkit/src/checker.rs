@@ -18,16 +18,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::testbed::kubelet::endpointslice_resource;
-use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use podium_core::crd::ROLE_LABEL;
 use tokio::task::JoinHandle;
+
+use crate::observe::{self, Change, PodState as Observed, Watching, lease_holder};
+use crate::pod::{is_ready, is_terminating};
+use crate::testbed::kubelet::slice_endpoints;
 
 #[derive(Clone, Debug)]
 pub enum Record {
@@ -103,7 +103,8 @@ struct History {
 
 pub struct Checker {
     history: Arc<Mutex<History>>,
-    tasks: Vec<JoinHandle<()>>,
+    _watches: Vec<Watching>,
+    clock: JoinHandle<()>,
     lease_name: String,
     pod_selector: Option<String>,
 }
@@ -127,83 +128,40 @@ impl Checker {
         service: Option<&str>,
         options: Options,
     ) -> Checker {
-        let pod_config = match &options.pod_selector {
-            Some(selector) => watcher::Config::default().labels(selector),
-            None => watcher::Config::default(),
-        };
         let pod_selector = options.pod_selector.clone();
         let history = Arc::new(Mutex::new(History {
             options,
             ..History::default()
         }));
-        let mut tasks = Vec::new();
-
-        let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-        let h = history.clone();
-        tasks.push(tokio::spawn(async move {
-            // Backoff, so that an API server outage does not turn into a busy reconnect loop.
-            let mut stream = watcher(pods, pod_config).default_backoff().boxed();
-            while let Some(event) = stream.next().await {
-                let Ok(event) = event else { continue };
-                let mut h = h.lock().unwrap();
-                match event {
-                    Event::Apply(p) | Event::InitApply(p) => h.pod(&p, false),
-                    Event::Delete(p) => h.pod(&p, true),
-                    Event::Init | Event::InitDone => {}
-                }
-            }
-        }));
-
-        let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-        let h = history.clone();
-        let lease_name = group.to_string();
-        let watched = lease_name.clone();
-        tasks.push(tokio::spawn(async move {
-            let config = watcher::Config::default().fields(&format!("metadata.name={watched}"));
-            let mut stream = watcher(leases, config).default_backoff().boxed();
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(Event::Apply(l) | Event::InitApply(l)) => h.lock().unwrap().lease(&l),
-                    Ok(Event::Delete(_)) => h.lock().unwrap().lease_deleted(),
-                    _ => {}
-                }
-            }
-        }));
+        let mut watches = vec![
+            observe::watch_pods(
+                client,
+                namespace,
+                pod_selector.as_deref(),
+                recorder(&history, History::pod),
+            ),
+            observe::watch_lease(client, namespace, group, recorder(&history, History::lease)),
+        ];
+        if let Some(service) = service {
+            let record = recorder(&history, History::slice);
+            watches.push(observe::watch_slices(client, namespace, service, record));
+        }
 
         // I4 is about time passing without an event, so it is also checked on a clock.
         let h = history.clone();
-        tasks.push(tokio::spawn(async move {
+        let clock = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 h.lock().unwrap().check_i4();
             }
-        }));
-
-        if let Some(service) = service {
-            let slices: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), namespace, &endpointslice_resource());
-            let h = history.clone();
-            let config =
-                watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
-            tasks.push(tokio::spawn(async move {
-                let mut stream = watcher(slices, config).default_backoff().boxed();
-                while let Some(event) = stream.next().await {
-                    match event {
-                        Ok(Event::Apply(s) | Event::InitApply(s)) => {
-                            h.lock().unwrap().slice(&s, false)
-                        }
-                        Ok(Event::Delete(s)) => h.lock().unwrap().slice(&s, true),
-                        _ => {}
-                    }
-                }
-            }));
-        }
+        });
         // Let the watches list before the test starts acting.
         tokio::time::sleep(Duration::from_millis(300)).await;
         Checker {
             history,
-            tasks,
-            lease_name,
+            _watches: watches,
+            clock,
+            lease_name: group.to_string(),
             pod_selector,
         }
     }
@@ -338,27 +296,37 @@ impl Checker {
 
 impl Drop for Checker {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        self.clock.abort();
+    }
+}
+
+/// A watch callback that hands each object change to `record` (what changed, whether it was
+/// deleted), under the history's lock.
+fn recorder<K>(
+    history: &Arc<Mutex<History>>,
+    record: fn(&mut History, Instant, &K, bool),
+) -> impl FnMut(Instant, Change<K>) + Send + 'static
+where
+    K: Send + 'static,
+{
+    let history = history.clone();
+    move |at, change| {
+        if let Some((object, deleted)) = change.object() {
+            record(&mut history.lock().unwrap(), at, &object, deleted);
         }
     }
 }
 
 impl History {
-    fn pod(&mut self, p: &Pod, deleted: bool) {
+    fn pod(&mut self, now: Instant, p: &Pod, deleted: bool) {
         let name = p.name_any();
-        let role = if deleted {
-            None
-        } else {
-            p.labels().get(ROLE_LABEL).cloned()
-        };
-        let ready = p
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let terminating = p.metadata.deletion_timestamp.is_some();
-        let now = Instant::now();
+        let Observed {
+            role,
+            ready,
+            terminating,
+            ..
+        } = Observed::of(p);
+        let role = if deleted { None } else { role };
         self.records.push(Record::Pod {
             at: now,
             pod: name.clone(),
@@ -402,12 +370,13 @@ impl History {
         }
     }
 
-    fn lease(&mut self, l: &Lease) {
-        let spec = l.spec.clone().unwrap_or_default();
-        let holder = spec.holder_identity.filter(|h| !h.is_empty());
-        let transitions = spec.lease_transitions.unwrap_or(0);
+    fn lease(&mut self, at: Instant, l: &Lease, deleted: bool) {
+        if deleted {
+            return self.lease_deleted(at);
+        }
+        let (holder, transitions) = lease_holder(l);
         self.records.push(Record::Lease {
-            at: Instant::now(),
+            at,
             holder: holder.clone(),
             transitions,
         });
@@ -433,9 +402,9 @@ impl History {
         self.last_lease = Some((holder, transitions));
     }
 
-    fn lease_deleted(&mut self) {
+    fn lease_deleted(&mut self, at: Instant) {
         self.records.push(Record::Lease {
-            at: Instant::now(),
+            at,
             holder: None,
             transitions: self.last_lease.as_ref().map_or(0, |(_, t)| *t),
         });
@@ -492,29 +461,15 @@ impl History {
         }
     }
 
-    fn slice(&mut self, s: &DynamicObject, deleted: bool) {
+    fn slice(&mut self, at: Instant, s: &DynamicObject, deleted: bool) {
         let addresses: Vec<String> = if deleted {
             Vec::new()
         } else {
-            s.data
-                .get("endpoints")
-                .and_then(|e| e.as_array())
-                .map(|eps| {
-                    eps.iter()
-                        .flat_map(|e| {
-                            e.get("addresses")
-                                .and_then(|a| a.as_array())
-                                .cloned()
-                                .unwrap_or_default()
-                        })
-                        .filter_map(|a| a.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
+            slice_endpoints(s).into_iter().map(|e| e.address).collect()
         };
         let name = s.name_any();
         self.records.push(Record::Slice {
-            at: Instant::now(),
+            at,
             slice: name.clone(),
             addresses: addresses.clone(),
         });
@@ -579,12 +534,8 @@ async fn convergence_problem(
         ));
     }
     if let Some(p) = leaders.first() {
-        let ready = p
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if !ready || p.metadata.deletion_timestamp.is_some() {
+        let ready = is_ready(p);
+        if !ready || is_terminating(p) {
             return Some(format!("leader {} is not eligible", p.name_any()));
         }
     }

@@ -1,18 +1,17 @@
-//! A tower layer that counts every API request a kube `Client` makes, by verb and resource
+//! A client layer that counts every API request a kube `Client` makes, by verb and resource
 //! (as the API server names them: `get`, `list`, `watch`, `create`, `update`, `patch`,
 //! `delete`), and optionally keeps a log of each request for attributing the requests of one
 //! failover.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 
-use http::{Method, Request, Response};
+use http::{Method, Request};
+use kube::client::Body;
 use serde::{Deserialize, Serialize};
-use tower::{Layer, Service};
+
+use crate::intercept::{self, Hook, Pending};
 
 /// One request as the layer saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,9 +135,7 @@ impl Counter {
 
     /// A client for `config` whose requests this counter counts.
     pub fn client(&self, config: kube::Config) -> anyhow::Result<kube::Client> {
-        Ok(kube::client::ClientBuilder::try_from(config)?
-            .with_layer(self)
-            .build())
+        intercept::client(config, self.clone())
     }
 
     fn record(&self, verb: String, target: Target, code: u16) {
@@ -236,41 +233,20 @@ pub fn verb(method: &Method, target: &Target, query: Option<&str>) -> String {
     .to_string()
 }
 
-impl<S> Layer<S> for Counter {
-    type Service = CountingService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        CountingService {
-            inner,
-            counter: self.clone(),
-        }
-    }
-}
+/// Counts each request once it is answered.
+impl Hook for Counter {
+    type Seen = (String, Target);
 
-pub struct CountingService<S> {
-    inner: S,
-    counter: Counter,
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CountingService<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    fn see(&self, request: &Request<Body>) -> Self::Seen {
+        let target = target(request.uri().path());
+        let verb = verb(request.method(), &target, request.uri().query());
+        (verb, target)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let target = target(req.uri().path());
-        let verb = verb(req.method(), &target, req.uri().query());
-        let counter = self.counter.clone();
-        let response = self.inner.call(req);
+    fn answer(&self, (verb, target): Self::Seen, send: Pending) -> Pending {
+        let counter = self.clone();
         Box::pin(async move {
-            let result = response.await;
+            let result = send.await;
             let code = result.as_ref().map_or(0, |r| r.status().as_u16());
             counter.record(verb, target, code);
             result

@@ -1,112 +1,27 @@
-//! Client-side fault injection: tower layers put between a kube `Client` and the API server.
-//! `HoldWrites` freezes every write (anything but GET) until released, the way a paused or
-//! partitioned replica would sit on its requests, and records what the server then answered.
-//! `Faults` injects one fault (409, 500, a timeout before or after the write was applied, or a
-//! crash) into the Nth write of the election protocol after it is armed.
+//! Client-side fault injection: one client layer, [`Faults`], put between a kube `Client` and
+//! the API server. It does two things, each off until asked:
+//!
+//! - [`Faults::freeze`] holds every write (anything but GET) until [`Faults::release`], the way
+//!   a paused or partitioned replica would sit on its requests, and records what the server then
+//!   answered;
+//! - [`Faults::arm`] injects one [`Fault`] (409, 500, a timeout before or after the write was
+//!   applied, or a crash) into the Nth write of the election protocol.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use kube::Client;
-use kube::client::{ClientBuilder, DynBody};
+use kube::client::{Body, DynBody};
 use tokio::sync::watch;
-use tower::{BoxError, Layer, Service};
+use tower::BoxError;
+
+use crate::intercept::{self, Hook, Pending, Reply};
 
 /// (method, path, status) of a write that was held and then sent.
 pub type HeldWrite = (Method, String, u16);
-
-#[derive(Clone)]
-pub struct HoldWrites {
-    hold: Arc<watch::Sender<bool>>,
-    released: Arc<Mutex<Vec<HeldWrite>>>,
-}
-
-impl Default for HoldWrites {
-    fn default() -> Self {
-        HoldWrites {
-            hold: Arc::new(watch::channel(false).0),
-            released: Arc::default(),
-        }
-    }
-}
-
-impl HoldWrites {
-    /// A client for `config` whose writes this layer can freeze.
-    pub fn client(&self, config: kube::Config) -> Client {
-        ClientBuilder::try_from(config)
-            .expect("client builder")
-            .with_layer(self)
-            .build()
-    }
-    pub fn freeze(&self) {
-        self.hold.send_replace(true);
-    }
-    pub fn release(&self) {
-        self.hold.send_replace(false);
-    }
-    /// Writes that were held, with the status the server gave them once released.
-    pub fn released(&self) -> Vec<HeldWrite> {
-        self.released.lock().unwrap().clone()
-    }
-}
-
-impl<S> Layer<S> for HoldWrites {
-    type Service = HoldWritesService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        HoldWritesService {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-pub struct HoldWritesService<S> {
-    inner: S,
-    layer: HoldWrites,
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for HoldWritesService<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let held = method != Method::GET && *self.layer.hold.borrow();
-        let mut hold = self.layer.hold.subscribe();
-        let released = self.layer.released.clone();
-        // The inner future does nothing until polled, so holding it holds the request.
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            if held {
-                let _ = hold.wait_for(|h| !*h).await;
-            }
-            let result = response.await;
-            if held && let Ok(r) = &result {
-                released
-                    .lock()
-                    .unwrap()
-                    .push((method, path, r.status().as_u16()));
-            }
-            result
-        })
-    }
-}
 
 /// What to do to one write of the operator's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,13 +68,14 @@ struct FaultState {
     seen: Vec<SeenWrite>,
 }
 
-/// A tower layer that injects one [`Fault`] into the Nth protocol write after [`Faults::arm`]
-/// (1 is the next one): a 409, a 500, a timeout before or after the server applied the write,
-/// or a crash between two writes. Everything else passes through.
+/// The client layer: holds writes while frozen, and injects one [`Fault`] into the Nth protocol
+/// write after [`Faults::arm`] (1 is the next one). Everything else passes through.
 #[derive(Clone)]
 pub struct Faults {
     state: Arc<Mutex<FaultState>>,
     crashed: Arc<watch::Sender<bool>>,
+    hold: Arc<watch::Sender<bool>>,
+    released: Arc<Mutex<Vec<HeldWrite>>>,
 }
 
 impl Default for Faults {
@@ -167,17 +83,31 @@ impl Default for Faults {
         Faults {
             state: Arc::default(),
             crashed: Arc::new(watch::channel(false).0),
+            hold: Arc::new(watch::channel(false).0),
+            released: Arc::default(),
         }
     }
 }
 
 impl Faults {
-    /// A client for `config` whose writes this layer can fail.
+    /// A client for `config` whose writes this layer can hold or fail.
     pub fn client(&self, config: kube::Config) -> Client {
-        ClientBuilder::try_from(config)
-            .expect("client builder")
-            .with_layer(self)
-            .build()
+        intercept::client(config, self.clone()).expect("client builder")
+    }
+
+    /// Holds every write from now on, until [`Faults::release`].
+    pub fn freeze(&self) {
+        self.hold.send_replace(true);
+    }
+
+    /// Sends the held writes, and lets later ones through.
+    pub fn release(&self) {
+        self.hold.send_replace(false);
+    }
+
+    /// Writes that were held, with the status the server gave them once released.
+    pub fn released(&self) -> Vec<HeldWrite> {
+        self.released.lock().unwrap().clone()
     }
 
     /// Injects `fault` into the `nth` protocol write from now on (1: the next one).
@@ -248,21 +178,6 @@ impl Faults {
     }
 }
 
-impl<S> Layer<S> for Faults {
-    type Service = FaultsService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        FaultsService {
-            inner,
-            faults: self.clone(),
-        }
-    }
-}
-
-pub struct FaultsService<S> {
-    inner: S,
-    faults: Faults,
-}
-
 /// A Kubernetes `Status` response, as the API server sends for an error.
 fn status_response(code: u16, reason: &str) -> Response<Box<DynBody>> {
     let body = serde_json::json!({
@@ -283,55 +198,85 @@ fn status_response(code: u16, reason: &str) -> Response<Box<DynBody>> {
         .expect("a valid response")
 }
 
-impl<S> Service<Request<kube::client::Body>> for FaultsService<S>
-where
-    S: Service<Request<kube::client::Body>, Response = Response<Box<DynBody>>, Error = BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+/// What [`Faults`] decided about one request when it was made.
+pub struct Decision {
+    method: Method,
+    path: String,
+    held: bool,
+    fault: Option<Fault>,
+    /// Its place in [`Faults::seen`], for a protocol write.
+    index: Option<usize>,
+}
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+impl Hook for Faults {
+    type Seen = Decision;
+
+    fn see(&self, request: &Request<Body>) -> Decision {
+        let (method, path) = (request.method().clone(), request.uri().path().to_string());
+        let held = method != Method::GET && *self.hold.borrow();
+        let (fault, index) = self.admit(&method, &path);
+        Decision {
+            method,
+            path,
+            held,
+            fault,
+            index,
+        }
     }
 
-    fn call(&mut self, req: Request<kube::client::Body>) -> Self::Future {
-        let (fault, index) = self.faults.admit(req.method(), req.uri().path());
-        let faults = self.faults.clone();
-        // The inner future sends nothing until polled, so not polling it drops the request.
-        let response = self.inner.call(req);
+    fn answer(&self, decision: Decision, send: Pending) -> Pending {
+        let faults = self.clone();
         Box::pin(async move {
-            match fault {
-                None => {
-                    let result = response.await;
-                    if let Ok(r) = &result {
-                        faults.record_status(index, r.status().as_u16());
-                    }
-                    result
-                }
-                Some(Fault::Conflict) => {
-                    faults.record_status(index, 409);
-                    Ok(status_response(409, "Conflict"))
-                }
-                Some(Fault::ServerError) => {
-                    faults.record_status(index, 500);
-                    Ok(status_response(500, "InternalError"))
-                }
-                Some(Fault::TimeoutBeforeSend(delay)) => {
-                    tokio::time::sleep(delay).await;
-                    Err(timeout_error())
-                }
-                Some(Fault::TimeoutAfterSend(delay)) => {
-                    if let Ok(r) = response.await {
-                        faults.record_status(index, r.status().as_u16());
-                    }
-                    tokio::time::sleep(delay).await;
-                    Err(timeout_error())
-                }
-                Some(Fault::Crash) => std::future::pending().await,
+            if decision.held {
+                let _ = faults.hold.subscribe().wait_for(|h| !*h).await;
             }
+            let result = faults.inject(decision.fault, decision.index, send).await;
+            if decision.held
+                && let Ok(r) = &result
+            {
+                faults.released.lock().unwrap().push((
+                    decision.method,
+                    decision.path,
+                    r.status().as_u16(),
+                ));
+            }
+            result
         })
+    }
+}
+
+impl Faults {
+    /// What comes of a request given its fault. Not polling `send` drops the request unsent.
+    async fn inject(&self, fault: Option<Fault>, index: Option<usize>, send: Pending) -> Reply {
+        match fault {
+            None => {
+                let result = send.await;
+                if let Ok(r) = &result {
+                    self.record_status(index, r.status().as_u16());
+                }
+                result
+            }
+            Some(Fault::Conflict) => {
+                self.record_status(index, 409);
+                Ok(status_response(409, "Conflict"))
+            }
+            Some(Fault::ServerError) => {
+                self.record_status(index, 500);
+                Ok(status_response(500, "InternalError"))
+            }
+            Some(Fault::TimeoutBeforeSend(delay)) => {
+                tokio::time::sleep(delay).await;
+                Err(timeout_error())
+            }
+            Some(Fault::TimeoutAfterSend(delay)) => {
+                if let Ok(r) = send.await {
+                    self.record_status(index, r.status().as_u16());
+                }
+                tokio::time::sleep(delay).await;
+                Err(timeout_error())
+            }
+            Some(Fault::Crash) => std::future::pending().await,
+        }
     }
 }
 

@@ -1,19 +1,103 @@
 //! The fixtures every test, the bench and the demo share: a namespace with a simulated
 //! kubelet, a Deployment of "servers", a leader Service, an ElectionGroup, and waits on them.
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use podium_core::crd::{ElectionGroup, ROLE_LABEL};
+use podium_core::crd::{ElectionGroup, ROLE_LABEL, ROLE_LEADER};
 
+use crate::observe::lease_holder;
+use crate::pod::is_serving;
 use crate::testbed::Testbed;
 use crate::testbed::kubelet::{Kubelet, KubeletOptions};
+use crate::wait::wait_for;
+use anyhow::Context as _;
 use serde_json::{Value, json};
+
+/// The "servers" podium elects among: a Deployment `app` of `replicas` pause pods labelled
+/// `app=<app>`.
+pub fn servers(app: &str, replicas: i32) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": { "name": app },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": app } },
+            "template": {
+                "metadata": { "labels": { "app": app } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{ "name": "server", "image": "registry.k8s.io/pause:3.9", "ports": [{ "containerPort": 8080 }] }]
+                }
+            }
+        }
+    }))
+    .expect("a valid Deployment")
+}
+
+/// Creates the [`servers`] Deployment `app` in `namespace`.
+pub async fn create_servers(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    replicas: i32,
+) -> anyhow::Result<()> {
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &servers(app, replicas))
+        .await
+        .with_context(|| format!("cannot create Deployment {namespace}/{app}"))?;
+    Ok(())
+}
+
+/// Creates the Service `<app>-leader`, which routes to the pod of `app` labelled leader only;
+/// returns its name.
+pub async fn create_leader_service(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+) -> anyhow::Result<String> {
+    let name = format!("{app}-leader");
+    let service: Service = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "selector": { "app": app, ROLE_LABEL: ROLE_LEADER },
+            "ports": [{ "port": 80, "targetPort": 8080 }]
+        }
+    }))?;
+    Api::<Service>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &service)
+        .await
+        .with_context(|| format!("cannot create Service {namespace}/{name}"))?;
+    Ok(name)
+}
+
+/// An ElectionGroup `name` with `spec`, as a manifest: invalid specs too, which the typed
+/// [`ElectionGroup`] may not hold.
+pub fn group_manifest(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "podium.dev/v1alpha1",
+        "kind": "ElectionGroup",
+        "metadata": { "name": name },
+        "spec": spec,
+    })
+}
+
+/// Creates ElectionGroup `name` with `spec` in `namespace`.
+pub async fn create_group(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    spec: Value,
+) -> anyhow::Result<ElectionGroup> {
+    let group: ElectionGroup = serde_json::from_value(group_manifest(name, spec))?;
+    Api::<ElectionGroup>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &group)
+        .await
+        .with_context(|| format!("cannot create ElectionGroup {namespace}/{name}"))
+}
 
 pub struct Fixture {
     pub client: Client,
@@ -60,23 +144,7 @@ impl Fixture {
 
     /// A Deployment `app` of `replicas` pods labelled `app=<app>`, all Running and Ready.
     pub async fn deploy(&self, app: &str, replicas: i32) {
-        let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": { "name": app },
-            "spec": {
-                "replicas": replicas,
-                "selector": { "matchLabels": { "app": app } },
-                "template": {
-                    "metadata": { "labels": { "app": app } },
-                    "spec": {
-                        "terminationGracePeriodSeconds": 30,
-                        "containers": [{ "name": "server", "image": "registry.k8s.io/pause:3.9", "ports": [{ "containerPort": 8080 }] }]
-                    }
-                }
-            }
-        }))
-        .unwrap();
-        Api::<Deployment>::namespaced(self.client.clone(), &self.ns)
-            .create(&PostParams::default(), &deployment)
+        create_servers(&self.client, &self.ns, app, replicas)
             .await
             .expect("create deployment");
         self.wait_ready(app, replicas as usize).await;
@@ -84,47 +152,20 @@ impl Fixture {
 
     /// Waits until exactly `n` non-terminating pods of `app` are Ready.
     pub async fn wait_ready(&self, app: &str, n: usize) {
-        let pods = self.pods();
-        let selector = format!("app={app}");
-        wait_for(
-            Duration::from_secs(30),
-            &format!("{n} ready pods of {app}"),
-            || {
-                let pods = pods.clone();
-                let selector = selector.clone();
-                async move {
-                    let list = pods
-                        .list(&ListParams::default().labels(&selector))
-                        .await
-                        .ok()?;
-                    let ready = list
-                        .items
-                        .iter()
-                        .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
-                        .count();
-                    (ready == n).then_some(())
-                }
-            },
-        )
+        let what = format!("{n} ready pods of {app}");
+        let selector = ListParams::default().labels(&format!("app={app}"));
+        wait_for(Duration::from_secs(30), &what, || async {
+            let list = self.pods().list(&selector).await.ok()?;
+            (list.iter().filter(|p| is_serving(p)).count() == n).then_some(())
+        })
         .await;
     }
 
     /// A Service routing to the leader of `app` only.
     pub async fn leader_service(&self, app: &str) -> String {
-        let name = format!("{app}-leader");
-        let svc: Service = serde_json::from_value(json!({
-            "metadata": { "name": name },
-            "spec": {
-                "selector": { "app": app, ROLE_LABEL: "leader" },
-                "ports": [{ "port": 80, "targetPort": 8080 }]
-            }
-        }))
-        .unwrap();
-        Api::<Service>::namespaced(self.client.clone(), &self.ns)
-            .create(&PostParams::default(), &svc)
+        create_leader_service(&self.client, &self.ns, app)
             .await
-            .expect("create service");
-        name
+            .expect("create service")
     }
 
     /// An ElectionGroup `name` selecting `app=<app>`, with `extra` merged into its spec.
@@ -136,15 +177,7 @@ impl Fixture {
                 spec.insert(k.clone(), v.clone());
             }
         }
-        let group: ElectionGroup = serde_json::from_value(json!({
-            "apiVersion": "podium.dev/v1alpha1",
-            "kind": "ElectionGroup",
-            "metadata": { "name": name },
-            "spec": spec,
-        }))
-        .unwrap();
-        self.groups()
-            .create(&PostParams::default(), &group)
+        create_group(&self.client, &self.ns, name, spec)
             .await
             .expect("create group")
     }
@@ -157,6 +190,41 @@ impl Fixture {
             .await
             .expect("list pods");
         list.items
+    }
+
+    /// The names of the namespace's pods.
+    pub async fn pod_names(&self) -> Vec<String> {
+        let list = self.pods().list(&ListParams::default()).await;
+        list.expect("list pods")
+            .iter()
+            .map(|p| p.name_any())
+            .collect()
+    }
+
+    /// The name of a pod other than `pod`.
+    pub async fn pod_other_than(&self, pod: &str) -> String {
+        let names = self.pod_names().await;
+        names.into_iter().find(|n| n != pod).expect("another pod")
+    }
+
+    /// Waits until exactly `n` pods are labelled follower.
+    pub async fn wait_followers(&self, n: usize, timeout: Duration) {
+        let selector = ListParams::default().labels(&format!("{ROLE_LABEL}=follower"));
+        wait_for(timeout, &format!("{n} followers"), || async {
+            let l = self.pods().list(&selector).await.ok()?;
+            (l.items.len() == n).then_some(())
+        })
+        .await;
+    }
+
+    /// The names of the pods labelled leader right now.
+    pub async fn leader_names(&self) -> Vec<String> {
+        self.leaders().await.iter().map(|p| p.name_any()).collect()
+    }
+
+    /// [`Fixture::wait_leader_other_than`], for the leader's name.
+    pub async fn wait_leader_name(&self, not: Option<&str>, timeout: Duration) -> String {
+        self.wait_leader_other_than(not, timeout).await.name_any()
     }
 
     /// Waits until exactly one pod is labelled leader and is not `not`; returns it.
@@ -182,34 +250,73 @@ impl Fixture {
         not: Option<&str>,
         timeout: Duration,
     ) -> Pod {
-        let pods = self.pods();
-        wait_for(
-            timeout,
-            &format!("a single leader ({selector}) other than {not:?}"),
-            || {
-                let pods = pods.clone();
-                async move {
-                    let list = pods
-                        .list(&ListParams::default().labels(selector))
-                        .await
-                        .ok()?;
-                    match list.items.as_slice() {
-                        [only] if Some(only.name_any().as_str()) != not => Some(only.clone()),
-                        _ => None,
-                    }
-                }
-            },
-        )
+        let what = format!("a single leader ({selector}) other than {not:?}");
+        let selector = ListParams::default().labels(selector);
+        wait_for(timeout, &what, || async {
+            let list = self.pods().list(&selector).await.ok()?;
+            match list.items.as_slice() {
+                [only] if Some(only.name_any().as_str()) != not => Some(only.clone()),
+                _ => None,
+            }
+        })
         .await
     }
 
+    /// The holder and epoch of the Lease `group`.
     pub async fn lease_state(&self, group: &str) -> (Option<String>, i32) {
+        lease_holder(&self.leases().get(group).await.expect("get lease"))
+    }
+
+    /// When the Lease `group` was last renewed.
+    pub async fn renew_time(&self, group: &str) -> jiff::Timestamp {
         let lease = self.leases().get(group).await.expect("get lease");
-        let spec = lease.spec.unwrap_or_default();
-        (
-            spec.holder_identity.filter(|h| !h.is_empty()),
-            spec.lease_transitions.unwrap_or(0),
-        )
+        lease.spec.and_then(|s| s.renew_time).expect("renewTime").0
+    }
+
+    /// Edits the Lease `name` as a human would: read, change, replace.
+    pub async fn edit_lease(&self, name: &str, edit: impl FnOnce(&mut Lease)) {
+        let mut lease = self.leases().get(name).await.expect("get lease");
+        edit(&mut lease);
+        self.leases()
+            .replace(name, &PostParams::default(), &lease)
+            .await
+            .expect("replace lease");
+    }
+
+    /// A human hands the Lease `name` to pod `holder` at `epoch`, dropping the holder's UID
+    /// that podium recorded.
+    pub async fn hand_lease_to(&self, name: &str, holder: &str, epoch: i32) {
+        self.edit_lease(name, |lease| {
+            let spec = lease.spec.get_or_insert_default();
+            spec.holder_identity = Some(holder.to_string());
+            spec.lease_transitions = Some(epoch);
+            if let Some(annotations) = lease.metadata.annotations.as_mut() {
+                annotations.remove("podium.dev/holder-uid");
+            }
+        })
+        .await;
+    }
+
+    /// A Lease `name` held by `holder` that podium does not own.
+    pub async fn foreign_lease(&self, name: &str, holder: &str) {
+        let lease: Lease = serde_json::from_value(json!({
+            "metadata": { "name": name },
+            "spec": { "holderIdentity": holder, "leaseDurationSeconds": 30 }
+        }))
+        .unwrap();
+        self.leases()
+            .create(&PostParams::default(), &lease)
+            .await
+            .expect("create lease");
+    }
+
+    /// Merges `spec` into the spec of group `name`.
+    pub async fn patch_group(&self, name: &str, spec: Value) {
+        let patch = Patch::Merge(json!({ "spec": spec }));
+        self.groups()
+            .patch(name, &PatchParams::default(), &patch)
+            .await
+            .expect("patch group");
     }
 
     /// Deletes group `name` and waits until the operator has finished its cleanup and the
@@ -234,6 +341,18 @@ impl Fixture {
         .await;
     }
 
+    /// Deletes the pod `leader` of group `group` and waits for the next leader, labelled and
+    /// named in the group's status; returns its name.
+    pub async fn delete_leader(&self, group: &str, leader: &str) -> String {
+        self.delete_pod(leader).await;
+        let next = self
+            .wait_leader_name(Some(leader), Duration::from_secs(5))
+            .await;
+        self.wait_status(group, Some(&next), Duration::from_secs(3))
+            .await;
+        next
+    }
+
     pub async fn delete_pod(&self, name: &str) {
         self.pods()
             .delete(name, &DeleteParams::default())
@@ -248,18 +367,29 @@ impl Fixture {
         leader: Option<&str>,
         timeout: Duration,
     ) -> ElectionGroup {
-        let groups = self.groups();
-        let (group, leader) = (group.to_string(), leader.map(String::from));
+        let what = format!("status.leader of {group} to be {leader:?}");
+        wait_for(timeout, &what, || async {
+            let g = self.groups().get(group).await.ok()?;
+            (g.status.as_ref()?.leader.as_deref() == leader).then_some(g)
+        })
+        .await
+    }
+
+    /// Waits until condition `type_` of `group` is True (with `reason`, if given); returns
+    /// (status, reason, message).
+    pub async fn wait_condition(
+        &self,
+        group: &str,
+        type_: &str,
+        reason: Option<&str>,
+        timeout: Duration,
+    ) -> (String, String, String) {
         wait_for(
             timeout,
-            &format!("status.leader of {group} to be {leader:?}"),
-            || {
-                let groups = groups.clone();
-                let (group, leader) = (group.clone(), leader.clone());
-                async move {
-                    let g = groups.get(&group).await.ok()?;
-                    (g.status.as_ref()?.leader == leader).then_some(g)
-                }
+            &format!("{group}: condition {type_}=True {reason:?}"),
+            || async {
+                let c = self.condition(group, type_).await?;
+                (c.0 == "True" && reason.is_none_or(|r| c.1 == r)).then_some(c)
             },
         )
         .await
@@ -274,38 +404,5 @@ impl Fixture {
             .into_iter()
             .find(|c| c.type_ == type_)?;
         Some((c.status, c.reason, c.message))
-    }
-}
-
-pub fn is_ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-pub fn pod_ip(p: &Pod) -> String {
-    p.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .unwrap_or_default()
-}
-
-/// Polls `check` every 20 ms until it yields a value; panics naming `what` after `timeout`.
-pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -6,14 +6,20 @@
 //! - [`fixture`]: a namespace, a Deployment of servers, a leader Service, a group, and waits.
 //! - [`observe`]: watches of pods, Leases and EndpointSlices, timestamped as they arrive.
 //! - [`checker`]: the safety invariants checked over the whole watch history of a test.
-//! - [`faults`]: a client layer that injects failures into the operator's writes.
+//! - [`faults`]: a client layer that holds back or fails the operator's writes.
 //! - [`counting`]: a client layer that counts (and can log) every request.
+//! - [`intercept`]: the tower plumbing those two layers share.
+//! - [`pod`]: readiness and IP as read off a pod.
+//! - [`wait`]: polling until a condition holds.
 pub mod checker;
 pub mod counting;
 pub mod faults;
 pub mod fixture;
+pub mod intercept;
 pub mod observe;
+pub mod pod;
 pub mod testbed;
+pub mod wait;
 
 /// The repository's top directory, for tests that read the chart, the CRD or the scripts.
 pub fn repo_root() -> std::path::PathBuf {

@@ -1,9 +1,12 @@
-//! The harness's own watches, separate from the operator's: pod roles, the leader Service's
-//! EndpointSlices, and a Lease's holder. Each publishes a snapshot stamped with when the
-//! watched value last changed, so a waiter that wakes late still gets the moment the
+//! The harness's own watches, separate from the operator's: pods, a Lease, and a Service's
+//! EndpointSlices. [`watch_pods`], [`watch_lease`] and [`watch_slices`] hand every change,
+//! stamped with when it arrived, to a callback: the [`checker`](crate::checker) records them
+//! all. [`PodWatch`], [`SliceWatch`] and [`LeaseWatch`] fold them into a snapshot stamped with
+//! when the watched value last changed, so a waiter that wakes late still gets the moment the
 //! condition first held.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
@@ -13,13 +16,228 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
-use kube::{Client, ResourceExt};
-use serde_json::Value;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::testbed::kubelet::endpointslice_resource;
+use crate::pod::{is_ready, is_terminating};
+use crate::testbed::kubelet::{endpointslice_resource, slice_endpoints};
 use podium_core::crd::{ROLE_LABEL, ROLE_LEADER};
+
+/// One change a watch saw.
+#[derive(Clone, Debug)]
+pub enum Change<K> {
+    /// A (re)list begins: the objects that follow, up to [`Change::Listed`], replace all known.
+    Relisting,
+    /// One object of the (re)list.
+    Listing(K),
+    /// The (re)list is complete.
+    Listed,
+    Applied(K),
+    Deleted(K),
+}
+
+impl<K> Change<K> {
+    /// The object this change is about, and whether it was deleted; `None` where a (re)list
+    /// begins or ends.
+    pub fn object(self) -> Option<(K, bool)> {
+        match self {
+            Change::Listing(object) | Change::Applied(object) => Some((object, false)),
+            Change::Deleted(object) => Some((object, true)),
+            Change::Relisting | Change::Listed => None,
+        }
+    }
+}
+
+/// A running watch; dropping it stops the watch.
+pub struct Watching(JoinHandle<()>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches `api`, handing `on` each change and when it arrived. Errors are retried with
+/// backoff, so that an API server outage does not turn into a busy reconnect loop.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    mut on: impl FnMut(Instant, Change<K>) + Send + 'static,
+) -> Watching
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    Watching(tokio::spawn(async move {
+        let mut stream = watcher(api, config).default_backoff().boxed();
+        while let Some(event) = stream.next().await {
+            let at = Instant::now();
+            let change = match event {
+                Ok(Event::Init) => Change::Relisting,
+                Ok(Event::InitApply(object)) => Change::Listing(object),
+                Ok(Event::InitDone) => Change::Listed,
+                Ok(Event::Apply(object)) => Change::Applied(object),
+                Ok(Event::Delete(object)) => Change::Deleted(object),
+                Err(e) => {
+                    tracing::debug!(error = %e, "harness {what} watch error");
+                    continue;
+                }
+            };
+            on(at, change);
+        }
+    }))
+}
+
+/// Watches the pods of `namespace` (those matching `selector`, if given).
+pub fn watch_pods(
+    client: &Client,
+    namespace: &str,
+    selector: Option<&str>,
+    on: impl FnMut(Instant, Change<Pod>) + Send + 'static,
+) -> Watching {
+    let mut config = watcher::Config::default();
+    if let Some(selector) = selector {
+        config = config.labels(selector);
+    }
+    watch(
+        Api::namespaced(client.clone(), namespace),
+        config,
+        "pod",
+        on,
+    )
+}
+
+/// Watches the Lease `namespace/name`.
+pub fn watch_lease(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    on: impl FnMut(Instant, Change<Lease>) + Send + 'static,
+) -> Watching {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watch(
+        Api::namespaced(client.clone(), namespace),
+        config,
+        "Lease",
+        on,
+    )
+}
+
+/// Watches the EndpointSlices of Service `namespace/service`.
+pub fn watch_slices(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    on: impl FnMut(Instant, Change<DynamicObject>) + Send + 'static,
+) -> Watching {
+    let api = Api::namespaced_with(client.clone(), namespace, &endpointslice_resource());
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    watch(api, config, "EndpointSlice", on)
+}
+
+/// The holder a Lease names, if any, and its `leaseTransitions` (the epoch).
+pub fn lease_holder(lease: &Lease) -> (Option<String>, i32) {
+    let spec = lease.spec.clone().unwrap_or_default();
+    (
+        spec.holder_identity.filter(|h| !h.is_empty()),
+        spec.lease_transitions.unwrap_or(0),
+    )
+}
+
+/// The objects a watch knows of by name, with the (re)list of a reconnect replacing them only
+/// once complete.
+struct Known<T> {
+    now: HashMap<String, T>,
+    listing: HashMap<String, T>,
+    synced: bool,
+}
+
+impl<T> Default for Known<T> {
+    fn default() -> Self {
+        Known {
+            now: HashMap::new(),
+            listing: HashMap::new(),
+            synced: false,
+        }
+    }
+}
+
+impl<T> Known<T> {
+    /// Applies one change; false while a (re)list is still coming in, when nothing changed yet.
+    fn apply<K: ResourceExt>(&mut self, change: Change<K>, value: impl Fn(&K) -> T) -> bool {
+        match change {
+            Change::Relisting => self.listing.clear(),
+            Change::Listing(object) => {
+                self.listing.insert(object.name_any(), value(&object));
+                return false;
+            }
+            Change::Listed => {
+                self.now = std::mem::take(&mut self.listing);
+                self.synced = true;
+            }
+            Change::Applied(object) => {
+                self.now.insert(object.name_any(), value(&object));
+            }
+            Change::Deleted(object) => {
+                self.now.remove(&object.name_any());
+            }
+        }
+        true
+    }
+}
+
+/// Sets `value` and stamps `since` with `at`, if the value changed; whether it did.
+fn stamp<T: PartialEq>(value: &mut T, new: T, since: &mut Instant, at: Instant) -> bool {
+    if *value == new {
+        return false;
+    }
+    *value = new;
+    *since = at;
+    true
+}
+
+/// What one of the snapshot watches ([`PodWatch`], [`SliceWatch`], [`LeaseWatch`]) publishes:
+/// its latest snapshot, and waits on it. Dropping it stops the watch.
+pub struct Published<T> {
+    rx: watch::Receiver<T>,
+    _watching: Watching,
+}
+
+impl<T: Clone> Published<T> {
+    /// Publishes `initial`, then what the watch that `start` begins sends.
+    fn new(initial: T, start: impl FnOnce(watch::Sender<T>) -> Watching) -> Self {
+        let (tx, rx) = watch::channel(initial);
+        Published {
+            rx,
+            _watching: start(tx),
+        }
+    }
+
+    pub fn now(&self) -> T {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until `condition` holds for a snapshot; returns it.
+    pub async fn wait(
+        &self,
+        timeout: Duration,
+        what: &str,
+        condition: impl FnMut(&T) -> bool,
+    ) -> Result<T> {
+        let mut rx = self.rx.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(condition)).await {
+            Ok(Ok(value)) => Ok(value.clone()),
+            Ok(Err(_)) => Err(anyhow!("the watch ended while waiting for {what}")),
+            Err(_) => Err(anyhow!(
+                "timed out after {:.0}s waiting for {what}",
+                timeout.as_secs_f64()
+            )),
+        }
+    }
+}
 
 /// One pod as the harness sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,16 +250,12 @@ pub struct PodState {
 }
 
 impl PodState {
-    fn of(pod: &Pod) -> PodState {
+    pub fn of(pod: &Pod) -> PodState {
         PodState {
             app: pod.labels().get("app").cloned(),
             role: pod.labels().get(ROLE_LABEL).cloned(),
-            ready: pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
-            terminating: pod.metadata.deletion_timestamp.is_some(),
+            ready: is_ready(pod),
+            terminating: is_terminating(pod),
             ip: pod
                 .status
                 .as_ref()
@@ -93,10 +307,7 @@ impl PodsSnapshot {
 
 /// Watches pods in a namespace (matching a label selector), tallying leaders per `app` label
 /// and following the pods of one app closely.
-pub struct PodWatch {
-    rx: watch::Receiver<PodsSnapshot>,
-    task: JoinHandle<()>,
-}
+pub type PodWatch = Published<PodsSnapshot>;
 
 impl PodWatch {
     pub fn start(
@@ -105,49 +316,23 @@ impl PodWatch {
         selector: Option<&str>,
         focus_app: &str,
     ) -> Self {
-        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-        let mut config = watcher::Config::default();
-        if let Some(selector) = selector {
-            config = config.labels(selector);
-        }
-        let (tx, rx) = watch::channel(PodsSnapshot {
+        let initial = PodsSnapshot {
             synced: false,
             focus: BTreeMap::new(),
             focus_leaders: Vec::new(),
             focus_leaders_since: Instant::now(),
             apps_with_one_leader: 0,
             apps_with_many_leaders: 0,
-        });
+        };
         let focus_app = focus_app.to_string();
-        let task = tokio::spawn(async move {
-            let mut pods: HashMap<String, PodState> = HashMap::new();
-            let mut staging: HashMap<String, PodState> = HashMap::new();
-            let mut synced = false;
-            let mut stream = watcher(api, config).default_backoff().boxed();
-            while let Some(event) = stream.next().await {
-                let now = Instant::now();
-                match event {
-                    Ok(Event::Init) => staging.clear(),
-                    Ok(Event::InitApply(pod)) => {
-                        staging.insert(pod.name_any(), PodState::of(&pod));
-                        continue;
-                    }
-                    Ok(Event::InitDone) => {
-                        pods = std::mem::take(&mut staging);
-                        synced = true;
-                    }
-                    Ok(Event::Apply(pod)) => {
-                        pods.insert(pod.name_any(), PodState::of(&pod));
-                    }
-                    Ok(Event::Delete(pod)) => {
-                        pods.remove(&pod.name_any());
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "bench pod watch error");
-                        continue;
-                    }
+        let mut pods = Known::default();
+        Published::new(initial, |tx| {
+            watch_pods(client, namespace, selector, move |at, change| {
+                if !pods.apply(change, PodState::of) {
+                    return;
                 }
                 let focus: BTreeMap<String, PodState> = pods
+                    .now
                     .iter()
                     .filter(|(_, p)| p.app.as_deref() == Some(focus_app.as_str()))
                     .map(|(n, p)| (n.clone(), p.clone()))
@@ -158,50 +343,21 @@ impl PodWatch {
                     .map(|(n, _)| n.clone())
                     .collect();
                 let mut per_app: HashMap<&str, usize> = HashMap::new();
-                for p in pods.values().filter(|p| p.is_leader()) {
+                for p in pods.now.values().filter(|p| p.is_leader()) {
                     *per_app.entry(p.app.as_deref().unwrap_or("")).or_default() += 1;
                 }
                 tx.send_modify(|s| {
                     if s.focus_leaders != focus_leaders {
                         s.focus_leaders = focus_leaders;
-                        s.focus_leaders_since = now;
+                        s.focus_leaders_since = at;
                     }
                     s.focus = focus;
-                    s.synced = synced;
+                    s.synced = pods.synced;
                     s.apps_with_one_leader = per_app.values().filter(|n| **n == 1).count();
                     s.apps_with_many_leaders = per_app.values().filter(|n| **n > 1).count();
                 });
-            }
-        });
-        PodWatch { rx, task }
-    }
-
-    pub fn now(&self) -> PodsSnapshot {
-        self.rx.borrow().clone()
-    }
-
-    /// Waits until `condition` holds for a snapshot; returns it.
-    pub async fn wait(
-        &self,
-        timeout: Duration,
-        what: &str,
-        mut condition: impl FnMut(&PodsSnapshot) -> bool,
-    ) -> Result<PodsSnapshot> {
-        let mut rx = self.rx.clone();
-        match tokio::time::timeout(timeout, rx.wait_for(|s| condition(s))).await {
-            Ok(Ok(s)) => Ok(s.clone()),
-            Ok(Err(_)) => Err(anyhow!("the pod watch ended while waiting for {what}")),
-            Err(_) => Err(anyhow!(
-                "timed out after {:.0}s waiting for {what}",
-                timeout.as_secs_f64()
-            )),
-        }
-    }
-}
-
-impl Drop for PodWatch {
-    fn drop(&mut self) {
-        self.task.abort();
+            })
+        })
     }
 }
 
@@ -214,104 +370,42 @@ pub struct SlicesSnapshot {
 }
 
 /// Watches the EndpointSlices of one Service.
-pub struct SliceWatch {
-    rx: watch::Receiver<SlicesSnapshot>,
-    task: JoinHandle<()>,
-}
+pub type SliceWatch = Published<SlicesSnapshot>;
 
 impl SliceWatch {
     pub fn start(client: &Client, namespace: &str, service: &str) -> Self {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), namespace, &endpointslice_resource());
-        let config =
-            watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
-        let (tx, rx) = watch::channel(SlicesSnapshot {
+        let initial = SlicesSnapshot {
             addresses: BTreeSet::new(),
             since: Instant::now(),
-        });
-        let task = tokio::spawn(async move {
-            let mut slices: HashMap<String, BTreeSet<String>> = HashMap::new();
-            let mut staging: HashMap<String, BTreeSet<String>> = HashMap::new();
-            let mut stream = watcher(api, config).default_backoff().boxed();
-            while let Some(event) = stream.next().await {
-                let now = Instant::now();
-                match event {
-                    Ok(Event::Init) => staging.clear(),
-                    Ok(Event::InitApply(slice)) => {
-                        staging.insert(slice.name_any(), ready_addresses(&slice));
-                        continue;
-                    }
-                    Ok(Event::InitDone) => slices = std::mem::take(&mut staging),
-                    Ok(Event::Apply(slice)) => {
-                        slices.insert(slice.name_any(), ready_addresses(&slice));
-                    }
-                    Ok(Event::Delete(slice)) => {
-                        slices.remove(&slice.name_any());
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "bench EndpointSlice watch error");
-                        continue;
-                    }
+        };
+        let mut slices = Known::default();
+        Published::new(initial, |tx| {
+            watch_slices(client, namespace, service, move |at, change| {
+                if slices.apply(change, ready_addresses) {
+                    let addresses = slices.now.values().flatten().cloned().collect();
+                    tx.send_if_modified(|s| stamp(&mut s.addresses, addresses, &mut s.since, at));
                 }
-                let addresses: BTreeSet<String> = slices.values().flatten().cloned().collect();
-                tx.send_if_modified(|s| {
-                    if s.addresses == addresses {
-                        return false;
-                    }
-                    s.addresses = addresses;
-                    s.since = now;
-                    true
-                });
-            }
-        });
-        SliceWatch { rx, task }
+            })
+        })
     }
 
     /// Waits until the Service routes to exactly `ip`; returns when that began.
     pub async fn wait_only(&self, ip: &str, timeout: Duration) -> Result<Instant> {
-        let mut rx = self.rx.clone();
         let wanted: BTreeSet<String> = [ip.to_string()].into();
-        match tokio::time::timeout(timeout, rx.wait_for(|s| s.addresses == wanted)).await {
-            Ok(Ok(s)) => Ok(s.since),
-            Ok(Err(_)) => Err(anyhow!("the EndpointSlice watch ended")),
-            Err(_) => Err(anyhow!(
-                "timed out after {:.0}s waiting for the Service to route to {ip} only (now: {:?})",
-                timeout.as_secs_f64(),
-                self.rx.borrow().addresses
-            )),
-        }
-    }
-}
-
-impl Drop for SliceWatch {
-    fn drop(&mut self) {
-        self.task.abort();
+        let what = format!("the Service to route to {ip} only");
+        self.wait(timeout, &what, |s| s.addresses == wanted)
+            .await
+            .map(|s| s.since)
+            .map_err(|e| anyhow!("{e} (now: {:?})", self.rx.borrow().addresses))
     }
 }
 
 fn ready_addresses(slice: &DynamicObject) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let Some(endpoints) = slice.data.get("endpoints").and_then(Value::as_array) else {
-        return out;
-    };
-    for endpoint in endpoints {
-        let ready = endpoint
-            .pointer("/conditions/ready")
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
-        if !ready {
-            continue;
-        }
-        if let Some(addresses) = endpoint.get("addresses").and_then(Value::as_array) {
-            out.extend(
-                addresses
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string),
-            );
-        }
-    }
-    out
+    slice_endpoints(slice)
+        .into_iter()
+        .filter(|e| e.ready)
+        .map(|e| e.address)
+        .collect()
 }
 
 /// What a [`LeaseWatch`] publishes.
@@ -322,50 +416,24 @@ pub struct LeaseSnapshot {
 }
 
 /// Watches one Lease's holder.
-pub struct LeaseWatch {
-    rx: watch::Receiver<LeaseSnapshot>,
-    task: JoinHandle<()>,
-}
+pub type LeaseWatch = Published<LeaseSnapshot>;
 
 impl LeaseWatch {
     pub fn start(client: &Client, namespace: &str, name: &str) -> Self {
-        let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let (tx, rx) = watch::channel(LeaseSnapshot {
+        let initial = LeaseSnapshot {
             holder: None,
             since: Instant::now(),
-        });
-        let task = tokio::spawn(async move {
-            let mut stream = watcher(api, config).default_backoff().boxed();
-            while let Some(event) = stream.next().await {
-                let now = Instant::now();
-                let holder = match event {
-                    Ok(Event::Apply(lease) | Event::InitApply(lease)) => lease
-                        .spec
-                        .and_then(|s| s.holder_identity)
-                        .filter(|h| !h.is_empty()),
-                    Ok(Event::Delete(_)) => None,
-                    Ok(Event::Init | Event::InitDone) => continue,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "bench Lease watch error");
-                        continue;
-                    }
+        };
+        Published::new(initial, |tx| {
+            watch_lease(client, namespace, name, move |at, change| {
+                let holder = match change.object() {
+                    Some((lease, false)) => lease_holder(&lease).0,
+                    Some((_, true)) => None,
+                    None => return,
                 };
-                tx.send_if_modified(|s| {
-                    if s.holder == holder {
-                        return false;
-                    }
-                    s.holder = holder;
-                    s.since = now;
-                    true
-                });
-            }
-        });
-        LeaseWatch { rx, task }
-    }
-
-    pub fn now(&self) -> LeaseSnapshot {
-        self.rx.borrow().clone()
+                tx.send_if_modified(|s| stamp(&mut s.holder, holder, &mut s.since, at));
+            })
+        })
     }
 
     /// Waits until the Lease names a holder for which `accept` is true.
@@ -374,22 +442,11 @@ impl LeaseWatch {
         timeout: Duration,
         mut accept: impl FnMut(&str) -> bool,
     ) -> Result<LeaseSnapshot> {
-        let mut rx = self.rx.clone();
-        let waited = rx.wait_for(|s| s.holder.as_deref().is_some_and(&mut accept));
-        match tokio::time::timeout(timeout, waited).await {
-            Ok(Ok(s)) => Ok(s.clone()),
-            Ok(Err(_)) => Err(anyhow!("the Lease watch ended")),
-            Err(_) => Err(anyhow!(
-                "timed out after {:.0}s waiting for a new Lease holder (now: {:?})",
-                timeout.as_secs_f64(),
-                self.rx.borrow().holder
-            )),
-        }
-    }
-}
-
-impl Drop for LeaseWatch {
-    fn drop(&mut self) {
-        self.task.abort();
+        let waited = self.wait(timeout, "a new Lease holder", |s| {
+            s.holder.as_deref().is_some_and(&mut accept)
+        });
+        waited
+            .await
+            .map_err(|e| anyhow!("{e} (now: {:?})", self.rx.borrow().holder))
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -12,32 +12,38 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use podium_testkit::fixture::create_servers;
 use podium_testkit::testbed::{self, Kubelet, KubeletOptions, Testbed, kubelet};
+use podium_testkit::wait::poll;
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Polls `check` until it yields `Some`, failing the test after `TIMEOUT` with the last
-/// observation.
+/// error.
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, String>>,
 {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let last = match check().await {
-            Ok(Some(value)) => return value,
-            Ok(None) => "condition not met".to_string(),
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {}s waiting for {what}; last: {last}",
-            TIMEOUT.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let checked = poll(TIMEOUT, Duration::from_millis(100), what, async || {
+        check().await.map_err(anyhow::Error::msg)
+    });
+    checked.await.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Waits until Deployment `name` reports `n` available replicas.
+async fn wait_available(client: &Client, ns: &str, name: &str, n: i32) {
+    let what = format!("Deployment {name} to report {n} available replicas");
+    eventually(&what, || async {
+        let d = Api::<Deployment>::namespaced(client.clone(), ns)
+            .get(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+        Ok((available == n).then_some(()))
+    })
+    .await;
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -45,23 +51,6 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-fn deployment(name: &str, app: &str, replicas: i32) -> Deployment {
-    serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": replicas,
-            "selector": { "matchLabels": { "app": app } },
-            "template": {
-                "metadata": { "labels": { "app": app } },
-                "spec": { "containers": [{ "name": "main", "image": "registry.example/app:1" }] },
-            },
-        },
-    }))
-    .expect("a valid Deployment")
 }
 
 fn pod(name: &str, pod_labels: &[(&str, &str)]) -> Pod {
@@ -131,10 +120,7 @@ async fn deployment_replicaset_creates_unscheduled_pods() {
     let tb = Testbed::shared();
     let client = tb.client();
     let ns = tb.create_namespace("deploy").await.unwrap();
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &deployment("web", "web", 3))
-        .await
-        .unwrap();
+    create_servers(&client, &ns, "web", 3).await.unwrap();
 
     let pods = eventually("the ReplicaSet to create 3 pods", || async {
         let pods = pods_of(&client, &ns, "app=web").await;
@@ -162,10 +148,7 @@ async fn kubelet_helpers_make_pods_running_and_ready() {
     let ns = tb.create_namespace("ready").await.unwrap();
     let node = format!("node-{ns}");
     testbed::create_node(&client, &node).await.unwrap();
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &deployment("web", "web", 2))
-        .await
-        .unwrap();
+    create_servers(&client, &ns, "web", 2).await.unwrap();
     let pods = eventually("2 pods", || async {
         let pods = pods_of(&client, &ns, "app=web").await;
         Ok::<_, String>((pods.len() == 2).then_some(pods))
@@ -217,15 +200,7 @@ async fn kubelet_helpers_make_pods_running_and_ready() {
     }
 
     // The controllers see the readiness too.
-    eventually("the Deployment to report 2 available replicas", || async {
-        let d = Api::<Deployment>::namespaced(client.clone(), &ns)
-            .get("web")
-            .await
-            .map_err(|e| e.to_string())?;
-        let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
-        Ok((available == 2).then_some(()))
-    })
-    .await;
+    wait_available(&client, &ns, "web", 2).await;
 
     // And back: not ready keeps the pod Running but flips the conditions.
     let (name, ip) = &ips[0];
@@ -429,10 +404,7 @@ async fn kubelet_loop_runs_and_finalizes_pods() {
     )
     .await
     .unwrap();
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &deployment("loop", "loop", 3))
-        .await
-        .unwrap();
+    create_servers(&client, &ns, "loop", 3).await.unwrap();
 
     let pods = eventually("3 Running+Ready pods with distinct IPs", || async {
         let pods = pods_of(&client, &ns, "app=loop").await;
@@ -584,22 +556,8 @@ async fn apiserver_restart_keeps_state_and_clients_reconnect() {
     tb.start_apiserver().await.unwrap();
 
     // The controller-manager and the kubelet loop came back too.
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &deployment("after", "after", 2))
-        .await
-        .unwrap();
-    eventually(
-        "the Deployment made after the restart to become available",
-        || async {
-            let d = Api::<Deployment>::namespaced(client.clone(), &ns)
-                .get("after")
-                .await
-                .map_err(|e| e.to_string())?;
-            let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
-            Ok((available == 2).then_some(()))
-        },
-    )
-    .await;
+    create_servers(&client, &ns, "after", 2).await.unwrap();
+    wait_available(&client, &ns, "after", 2).await;
 
     let dir = tb.dir().to_path_buf();
     let kubeconfig = tb.kubeconfig_path().to_path_buf();

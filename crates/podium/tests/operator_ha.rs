@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::checker::Checker;
-use common::faults::HoldWrites;
+use common::faults::Faults;
 use common::{fixture, start_operator, wait_for};
 use kube::ResourceExt;
 use podium::ha::ElectionConfig;
@@ -99,7 +99,7 @@ async fn a_frozen_replica_wakes_up_to_refused_writes_and_no_second_leader() {
     let f = fixture("frozen").await;
     f.deploy("web", 3).await;
     let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let faults = HoldWrites::default();
+    let faults = Faults::default();
     let a = start_operator(
         faults.client(Testbed::shared().config()),
         &f.ns,

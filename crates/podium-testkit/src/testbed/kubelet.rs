@@ -27,6 +27,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::pod::is_ready;
+
 /// Label the EndpointSlice controller puts on every slice of a Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -195,13 +197,6 @@ fn condition_since(pod: &Pod, type_: &str, status: &str) -> Option<String> {
         .last_transition_time
         .as_ref()
         .map(|t| t.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 async fn host_ip(client: &Client, node: &str) -> String {
@@ -678,6 +673,37 @@ pub struct SliceEndpoint {
     pub pod: Option<String>,
 }
 
+/// Every endpoint address of one EndpointSlice, in its order.
+pub fn slice_endpoints(slice: &DynamicObject) -> Vec<SliceEndpoint> {
+    let mut found = Vec::new();
+    let Some(endpoints) = slice.data.get("endpoints").and_then(Value::as_array) else {
+        return found;
+    };
+    for endpoint in endpoints {
+        let ready = endpoint
+            .pointer("/conditions/ready")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let pod = endpoint
+            .pointer("/targetRef/name")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let addresses = endpoint
+            .get("addresses")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for address in addresses.iter().filter_map(Value::as_str) {
+            found.push(SliceEndpoint {
+                address: address.to_string(),
+                ready,
+                pod: pod.clone(),
+            });
+        }
+    }
+    found
+}
+
 /// Every endpoint address in the EndpointSlices of Service `namespace/service`, sorted.
 pub async fn endpointslice_endpoints(
     client: &Client,
@@ -690,34 +716,7 @@ pub async fn endpointslice_endpoints(
         .list(&ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={service}")))
         .await
         .with_context(|| format!("listing EndpointSlices of {namespace}/{service}"))?;
-    let mut found = Vec::new();
-    for slice in list {
-        let Some(endpoints) = slice.data.get("endpoints").and_then(Value::as_array) else {
-            continue;
-        };
-        for endpoint in endpoints {
-            let ready = endpoint
-                .pointer("/conditions/ready")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
-            let pod = endpoint
-                .pointer("/targetRef/name")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            let addresses = endpoint
-                .get("addresses")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            for address in addresses.iter().filter_map(Value::as_str) {
-                found.push(SliceEndpoint {
-                    address: address.to_string(),
-                    ready,
-                    pod: pod.clone(),
-                });
-            }
-        }
-    }
+    let mut found: Vec<SliceEndpoint> = list.iter().flat_map(slice_endpoints).collect();
     found.sort_by(|a, b| a.address.cmp(&b.address));
     Ok(found)
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use kube::{Client, ResourceExt};
 use podium::operator::{Operator, OperatorConfig};
-pub use podium_testkit::fixture::{Fixture, fixture, fixture_on, is_ready, pod_ip, wait_for};
+pub use podium_testkit::fixture::{Fixture, fixture, fixture_on};
+pub use podium_testkit::pod::{is_ready, pod_ip};
+pub use podium_testkit::wait::wait_for;
 pub use podium_testkit::{checker, faults};
 use serde_json::Value;
 
