@@ -5,6 +5,7 @@
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::ApiResource;
 use podium::crd::{ElectionGroup, ROLE_LABEL};
+use podium_testkit::fixture::group_manifest;
 use podium_testkit::testbed::Testbed;
 use serde_json::{Value, json};
 
@@ -25,13 +26,7 @@ async fn fixture(prefix: &str) -> Fixture {
 }
 
 fn group(name: &str, spec: Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": name },
-        "spec": spec,
-    }))
-    .expect("a DynamicObject")
+    serde_json::from_value(group_manifest(name, spec)).expect("a DynamicObject")
 }
 
 /// Creates a group with `spec`, asserts the server refuses it with 422 and a message naming

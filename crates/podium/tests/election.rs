@@ -5,8 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::checker::Checker;
-use common::{Elected, RunOperator, elected, fixture, pod_ip, wait_for};
+use common::{RunOperator, elected, finish, fixture, pod_ip, served, wait_for};
 use kube::ResourceExt;
 use podium::crd::{EPOCH_ANNOTATION, ROLE_LABEL};
 use podium_testkit::testbed::kubelet::endpointslice_addresses;
@@ -14,10 +13,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_group_elects_one_leader_and_the_service_routes_to_it() {
-    let f = fixture("elect").await;
-    f.deploy("web", 3).await;
-    let service = f.leader_service("web").await;
-    let checker = Checker::start(&f.client, &f.ns, "web", Some(&service)).await;
+    let (f, service, checker) = served("elect", 3).await;
     let operator = f.operator().await;
 
     let created = Instant::now();
@@ -42,18 +38,7 @@ async fn a_new_group_elects_one_leader_and_the_service_routes_to_it() {
     assert_eq!(lease.owner_references()[0].kind, "ElectionGroup");
     assert_eq!(lease.spec.unwrap().lease_duration_seconds, Some(4));
 
-    let pods = f.pods();
-    wait_for(Duration::from_secs(2), "two followers", || {
-        let pods = pods.clone();
-        async move {
-            let l = pods
-                .list(&kube::api::ListParams::default().labels(&format!("{ROLE_LABEL}=follower")))
-                .await
-                .ok()?;
-            (l.items.len() == 2).then_some(())
-        }
-    })
-    .await;
+    f.wait_followers(2, Duration::from_secs(2)).await;
 
     let group = f
         .wait_status("web", Some(&name), Duration::from_secs(2))
@@ -88,16 +73,7 @@ async fn a_new_group_elects_one_leader_and_the_service_routes_to_it() {
     assert_eq!(addresses.len(), 1);
 
     // Renewal at TTL/2 keeps the holder and the epoch.
-    let before = f
-        .leases()
-        .get("web")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .renew_time
-        .unwrap()
-        .0;
+    let before = f.renew_time("web").await;
     tokio::time::sleep(Duration::from_millis(2600)).await;
     let after = f.leases().get("web").await.unwrap().spec.unwrap();
     assert!(
@@ -106,24 +82,17 @@ async fn a_new_group_elects_one_leader_and_the_service_routes_to_it() {
     );
     assert_eq!(after.lease_transitions, Some(1));
 
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 /// Deletes the leader pod `rounds` times; each time a new pod is labelled leader, the epoch
 /// goes up by exactly one, and the history checker sees no moment with two leaders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_leader_fails_over_twenty_times_without_two_leaders() {
-    let f = fixture("failover").await;
-    f.deploy("web", 4).await;
-    let service = f.leader_service("web").await;
-    let checker = Checker::start(&f.client, &f.ns, "web", Some(&service)).await;
+    let (f, _service, checker) = served("failover", 4).await;
     let operator = f.operator().await;
     f.group("web", "web", json!({})).await;
-    let mut leader = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let mut leader = f.wait_leader_name(None, Duration::from_secs(2)).await;
     let mut times = Vec::new();
     for round in 0..20 {
         f.wait_ready("web", 4).await;
@@ -169,20 +138,14 @@ async fn deleting_the_leader_fails_over_twenty_times_without_two_leaders() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_not_ready_leader_fails_over_and_does_not_take_it_back() {
-    let Elected {
-        f,
-        checker,
-        operator,
-        leader: first,
-    } = elected("notready", 3, json!({})).await;
+    let (f, checker, operator, first) = elected("notready", 3, json!({})).await;
 
     podium_testkit::testbed::kubelet::set_pod_not_ready(&f.client, &f.ns, &first)
         .await
         .unwrap();
     let second = f
-        .wait_leader_other_than(Some(&first), Duration::from_secs(3))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&first), Duration::from_secs(3))
+        .await;
     let (_, epoch) = f.lease_state("web").await;
     assert_eq!(epoch, 2);
     let old = f.pods().get(&first).await.unwrap();
@@ -198,55 +161,34 @@ async fn a_not_ready_leader_fails_over_and_does_not_take_it_back() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(f.lease_state("web").await, (Some(second.clone()), 2));
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_preferred_leader_takes_over_and_gets_it_back_after_an_outage() {
-    let Elected {
-        f,
-        checker,
-        operator,
-        leader: first,
-    } = elected("preferred", 3, json!({})).await;
-    let pods = f.pods().list(&Default::default()).await.unwrap();
-    let preferred = pods
-        .items
-        .iter()
-        .map(|p| p.name_any())
-        .find(|n| n != &first)
-        .unwrap();
+    let (f, checker, operator, first) = elected("preferred", 3, json!({})).await;
+    let preferred = f.pod_other_than(&first).await;
 
-    f.groups()
-        .patch(
-            "web",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({ "spec": { "preferredLeader": preferred } })),
-        )
-        .await
-        .unwrap();
+    f.patch_group("web", json!({ "preferredLeader": preferred }))
+        .await;
     let now = f
-        .wait_leader_other_than(Some(&first), Duration::from_secs(3))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&first), Duration::from_secs(3))
+        .await;
     assert_eq!(now, preferred, "switchover goes to the preferred pod");
 
     podium_testkit::testbed::kubelet::set_pod_not_ready(&f.client, &f.ns, &preferred)
         .await
         .unwrap();
     let stand_in = f
-        .wait_leader_other_than(Some(&preferred), Duration::from_secs(3))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&preferred), Duration::from_secs(3))
+        .await;
     let ip = pod_ip(&f.pods().get(&preferred).await.unwrap());
     podium_testkit::testbed::kubelet::set_pod_running_ready(&f.client, &f.ns, &preferred, &ip)
         .await
         .unwrap();
     let back = f
-        .wait_leader_other_than(Some(&stand_in), Duration::from_secs(3))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&stand_in), Duration::from_secs(3))
+        .await;
     assert_eq!(
         back, preferred,
         "the preferred pod gets leadership back when Ready"
@@ -255,34 +197,20 @@ async fn the_preferred_leader_takes_over_and_gets_it_back_after_an_outage() {
     let epoch = f.lease_state("web").await.1;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(f.lease_state("web").await, (Some(preferred), epoch));
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_down_for_two_ttls_keeps_the_healthy_leader_on_restart() {
-    let Elected {
-        f,
-        checker,
-        operator,
-        leader,
-    } = elected("restart", 3, json!({ "leaseDurationSeconds": 2 })).await;
+    let (f, checker, operator, leader) =
+        elected("restart", 3, json!({ "leaseDurationSeconds": 2 })).await;
     f.wait_status("web", Some(&leader), Duration::from_secs(2))
         .await;
     let (_, epoch) = f.lease_state("web").await;
     operator.abort();
 
     tokio::time::sleep(Duration::from_secs(5)).await; // > 2 x TTL: the Lease has expired
-    let expired = f
-        .leases()
-        .get("web")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .renew_time
-        .unwrap()
-        .0;
+    let expired = f.renew_time("web").await;
     assert!(jiff::Timestamp::now().duration_since(expired).as_secs() >= 4);
 
     let operator = f.operator().await;
@@ -296,33 +224,14 @@ async fn an_operator_down_for_two_ttls_keeps_the_healthy_leader_on_restart() {
     })
     .await;
     assert_eq!(f.lease_state("web").await, (Some(leader.clone()), epoch));
-    assert_eq!(
-        f.leaders()
-            .await
-            .iter()
-            .map(|p| p.name_any())
-            .collect::<Vec<_>>(),
-        vec![leader]
-    );
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    assert_eq!(f.leader_names().await, vec![leader]);
+    finish(&f, &checker, operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hand_labelled_second_leader_is_stripped_and_a_lease_edit_is_undone() {
-    let Elected {
-        f,
-        checker,
-        operator,
-        leader,
-    } = elected("human", 3, json!({})).await;
-    let pods = f.pods().list(&Default::default()).await.unwrap();
-    let other = pods
-        .items
-        .iter()
-        .map(|p| p.name_any())
-        .find(|n| n != &leader)
-        .unwrap();
+    let (f, checker, operator, leader) = elected("human", 3, json!({})).await;
+    let other = f.pod_other_than(&leader).await;
 
     // The human's second leader label is the only double label allowed (I1).
     checker.tolerate_leaders(&[&other]);
@@ -347,127 +256,60 @@ async fn a_hand_labelled_second_leader_is_stripped_and_a_lease_edit_is_undone() 
         },
     )
     .await;
-    assert_eq!(
-        f.leaders()
-            .await
-            .iter()
-            .map(|p| p.name_any())
-            .collect::<Vec<_>>(),
-        vec![leader.clone()]
-    );
+    assert_eq!(f.leader_names().await, vec![leader.clone()]);
 
     // A human points the Lease at another pod: the Lease is the source of truth, so the labels
     // follow it, old label off first.
-    let mut lease = f.leases().get("web").await.unwrap();
-    let spec = lease.spec.as_mut().unwrap();
-    spec.holder_identity = Some(other.clone());
-    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-    lease
-        .metadata
-        .annotations
-        .as_mut()
-        .unwrap()
-        .remove("podium.dev/holder-uid");
-    f.leases()
-        .replace("web", &Default::default(), &lease)
-        .await
-        .unwrap();
+    let (_, epoch) = f.lease_state("web").await;
+    f.hand_lease_to("web", &other, epoch + 1).await;
     let now = f
-        .wait_leader_other_than(Some(&leader), Duration::from_secs(3))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&leader), Duration::from_secs(3))
+        .await;
     assert_eq!(now, other);
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_groups_renew_but_change_nothing() {
-    let Elected {
-        f,
-        checker,
-        operator,
-        leader,
-    } = elected("paused", 3, json!({ "leaseDurationSeconds": 2 })).await;
-    f.groups()
-        .patch(
-            "web",
-            &Default::default(),
-            &kube::api::Patch::Merge(json!({ "spec": { "paused": true } })),
-        )
-        .await
-        .unwrap();
+    let (f, checker, operator, leader) =
+        elected("paused", 3, json!({ "leaseDurationSeconds": 2 })).await;
+    f.patch_group("web", json!({ "paused": true })).await;
     // Paused keeps a NotReady leader labelled on purpose: no I4 until unpaused.
     checker.set_reaction(None);
-    wait_for(Duration::from_secs(3), "the Paused condition", || {
-        let f = &f;
-        async move { (f.condition("web", "Paused").await?.0 == "True").then_some(()) }
-    })
-    .await;
+    f.wait_condition("web", "Paused", None, Duration::from_secs(3))
+        .await;
     podium_testkit::testbed::kubelet::set_pod_not_ready(&f.client, &f.ns, &leader)
         .await
         .unwrap();
-    let before = f
-        .leases()
-        .get("web")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .renew_time
-        .unwrap()
-        .0;
+    let before = f.renew_time("web").await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let lease = f.leases().get("web").await.unwrap().spec.unwrap();
     assert!(lease.renew_time.unwrap().0 > before, "paused still renews");
     assert_eq!(lease.holder_identity.as_deref(), Some(leader.as_str()));
-    assert_eq!(
-        f.leaders()
-            .await
-            .iter()
-            .map(|p| p.name_any())
-            .collect::<Vec<_>>(),
-        vec![leader.clone()]
-    );
+    assert_eq!(f.leader_names().await, vec![leader.clone()]);
 
     // Unpausing fails over from the NotReady holder.
-    f.groups()
-        .patch(
-            "web",
-            &Default::default(),
-            &kube::api::Patch::Merge(json!({ "spec": { "paused": false } })),
-        )
-        .await
-        .unwrap();
+    f.patch_group("web", json!({ "paused": false })).await;
     checker.set_reaction(Some(Duration::from_secs(1)));
     f.wait_leader_other_than(Some(&leader), Duration::from_secs(3))
         .await;
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nobody_eligible_the_label_is_cleared_and_the_next_ready_pod_is_elected() {
-    let Elected {
-        f,
-        checker,
-        operator,
-        leader: _,
-    } = elected("noneligible", 2, json!({})).await;
+    let (f, checker, operator, _) = elected("noneligible", 2, json!({})).await;
     let pods: Vec<_> = f.pods().list(&Default::default()).await.unwrap().items;
     for p in &pods {
         podium_testkit::testbed::kubelet::set_pod_not_ready(&f.client, &f.ns, &p.name_any())
             .await
             .unwrap();
     }
-    wait_for(Duration::from_secs(3), "NoEligibleMembers", || {
-        let f = &f;
-        async move { (f.condition("web", "NoEligibleMembers").await?.0 == "True").then_some(()) }
-    })
-    .await;
+    let (_, _, message) = f
+        .wait_condition("web", "NoEligibleMembers", None, Duration::from_secs(3))
+        .await;
     assert!(f.leaders().await.is_empty());
     assert_eq!(f.lease_state("web").await.0, None);
-    let (_, _, message) = f.condition("web", "NoEligibleMembers").await.unwrap();
     assert!(message.contains("PodNotReady"), "{message}");
 
     let back = &pods[1];
@@ -481,8 +323,7 @@ async fn with_nobody_eligible_the_label_is_cleared_and_the_next_ready_pod_is_ele
     .unwrap();
     let leader = f.wait_leader_other_than(None, Duration::from_secs(3)).await;
     assert_eq!(leader.name_any(), back.name_any());
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,12 +333,7 @@ async fn deleting_a_group_removes_every_label_and_the_lease() {
     let operator = f.operator().await;
     f.group("web", "web", json!({})).await;
     f.wait_leader_other_than(None, Duration::from_secs(2)).await;
-    f.groups().delete("web", &Default::default()).await.unwrap();
-    wait_for(Duration::from_secs(5), "the group to be gone", || {
-        let groups = f.groups();
-        async move { groups.get_opt("web").await.ok()?.is_none().then_some(()) }
-    })
-    .await;
+    f.delete_group("web").await;
     for p in f.pods().list(&Default::default()).await.unwrap() {
         assert!(
             p.labels().get(ROLE_LABEL).is_none(),
@@ -520,52 +356,32 @@ async fn overlapping_groups_and_foreign_leases_get_conflict() {
     f.deploy("web", 2).await;
     let operator = f.operator().await;
     f.group("first", "web", json!({})).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let leader = f.wait_leader_name(None, Duration::from_secs(2)).await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // creationTimestamp has 1 s resolution
     f.group("second", "web", json!({})).await;
-    wait_for(
-        Duration::from_secs(3),
-        "Conflict on the later group",
-        || {
-            let f = &f;
-            async move {
-                (f.condition("second", "Conflict").await?.1 == "OverlappingGroup").then_some(())
-            }
-        },
-    )
-    .await;
-    let (_, _, message) = f.condition("second", "Conflict").await.unwrap();
+    let (_, _, message) = f
+        .wait_condition(
+            "second",
+            "Conflict",
+            Some("OverlappingGroup"),
+            Duration::from_secs(3),
+        )
+        .await;
     assert!(message.contains("first"), "{message}");
     assert_eq!(f.condition("first", "Conflict").await.unwrap().0, "False");
-    assert_eq!(
-        f.leaders()
-            .await
-            .iter()
-            .map(|p| p.name_any())
-            .collect::<Vec<_>>(),
-        vec![leader]
-    );
+    assert_eq!(f.leader_names().await, vec![leader]);
 
     // A Lease named like a group but not podium's is left alone.
-    let foreign: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
-        "metadata": { "name": "taken" },
-        "spec": { "holderIdentity": "someone-else", "leaseDurationSeconds": 30 }
-    }))
-    .unwrap();
-    f.leases()
-        .create(&Default::default(), &foreign)
-        .await
-        .unwrap();
+    f.foreign_lease("taken", "someone-else").await;
     f.group("taken", "web", json!({})).await;
-    wait_for(Duration::from_secs(3), "Conflict for the foreign Lease", || {
-        let f = &f;
-        async move { (f.condition("taken", "Conflict").await?.1 == "LeaseNotOwned").then_some(()) }
-    })
-    .await;
-    let (_, _, message) = f.condition("taken", "Conflict").await.unwrap();
+    let (_, _, message) = f
+        .wait_condition(
+            "taken",
+            "Conflict",
+            Some("LeaseNotOwned"),
+            Duration::from_secs(3),
+        )
+        .await;
     assert!(message.contains("taken"), "{message}");
     let lease = f.leases().get("taken").await.unwrap();
     assert_eq!(
@@ -587,12 +403,9 @@ async fn a_spec_the_server_accepts_but_podium_refuses_gets_invalid_spec() {
         json!({ "selector": { "matchExpressions": [{ "key": "app", "operator": "In" }] } }),
     )
     .await;
-    wait_for(Duration::from_secs(3), "InvalidSpec", || {
-        let f = &f;
-        async move { (f.condition("bad", "InvalidSpec").await?.0 == "True").then_some(()) }
-    })
-    .await;
-    let (_, _, message) = f.condition("bad", "InvalidSpec").await.unwrap();
+    let (_, _, message) = f
+        .wait_condition("bad", "InvalidSpec", None, Duration::from_secs(3))
+        .await;
     assert!(message.contains("needs at least one value"), "{message}");
     assert!(f.leaders().await.is_empty());
     operator.stop().await;

@@ -18,6 +18,7 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{Client, ResourceExt};
 use podium::crd::{ElectionGroup, PRIORITY_ANNOTATION, ROLE_LABEL};
+use podium_testkit::fixture::group_manifest;
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{create_node, set_pod_not_ready};
 use serde_json::{Value, json};
@@ -49,46 +50,18 @@ fn dynamic(f: &Fixture) -> Api<DynamicObject> {
     )
 }
 
-fn group_object(name: &str, spec: Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": name },
-        "spec": spec,
-    }))
-    .unwrap()
-}
-
 /// Creates the group; `Err((code, message))` if the API server refused it.
 async fn create(f: &Fixture, name: &str, spec: Value) -> Result<(), (u16, String)> {
-    match dynamic(f)
-        .create(&PostParams::default(), &group_object(name, spec))
-        .await
-    {
+    let group: DynamicObject = serde_json::from_value(group_manifest(name, spec)).unwrap();
+    match dynamic(f).create(&PostParams::default(), &group).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) => Err((status.code, status.message)),
         Err(e) => panic!("unexpected error creating {name}: {e}"),
     }
 }
 
-/// Waits for condition `type_` of `group` to have `status` (and `reason`, if given).
-async fn wait_condition(
-    f: &Fixture,
-    group: &str,
-    type_: &str,
-    status: &str,
-    reason: Option<&str>,
-) -> (String, String, String) {
-    wait_for(
-        Duration::from_secs(10),
-        &format!("{group}: condition {type_}={status} {reason:?}"),
-        || async {
-            let c = f.condition(group, type_).await?;
-            (c.0 == status && reason.is_none_or(|r| c.1 == r)).then_some(c)
-        },
-    )
-    .await
-}
+/// How long podium may take to answer a hostile spec with a condition.
+const ANSWER: Duration = Duration::from_secs(10);
 
 /// The healthy group every case must leave alone: two pods `app=healthy`, under the checker.
 struct Healthy {
@@ -229,7 +202,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     )
     .await
     .unwrap();
-    let (_, reason, message) = wait_condition(&f, "overlap", "Conflict", "True", None).await;
+    let (_, reason, message) = f.wait_condition("overlap", "Conflict", None, ANSWER).await;
     assert_eq!(reason, "OverlappingGroup", "{message}");
     assert!(message.contains("healthy"), "{message}");
     report(
@@ -238,15 +211,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     );
 
     // A Lease named like the group but not podium's: left alone.
-    let foreign: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
-        "metadata": { "name": "taken" },
-        "spec": { "holderIdentity": "someone-else", "leaseDurationSeconds": 30 }
-    }))
-    .unwrap();
-    f.leases()
-        .create(&PostParams::default(), &foreign)
-        .await
-        .unwrap();
+    f.foreign_lease("taken", "someone-else").await;
     create(
         &f,
         "taken",
@@ -254,7 +219,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     )
     .await
     .unwrap();
-    let (_, reason, message) = wait_condition(&f, "taken", "Conflict", "True", None).await;
+    let (_, reason, message) = f.wait_condition("taken", "Conflict", None, ANSWER).await;
     assert_eq!(reason, "LeaseNotOwned", "{message}");
     let lease = f.leases().get("taken").await.unwrap();
     assert_eq!(
@@ -294,7 +259,9 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     )
     .await
     .unwrap();
-    let (_, _, message) = wait_condition(&f, "ghost-pref", "LeaderElected", "True", None).await;
+    let (_, _, message) = f
+        .wait_condition("ghost-pref", "LeaderElected", None, ANSWER)
+        .await;
     let (holder, _) = f.lease_state("ghost-pref").await;
     assert!(holder.as_ref().is_some_and(|h| web_pods.contains(h)));
     report(
@@ -324,7 +291,9 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     )
     .await
     .unwrap();
-    let (_, _, message) = wait_condition(&f, "far-pref", "LeaderElected", "True", None).await;
+    let (_, _, message) = f
+        .wait_condition("far-pref", "LeaderElected", None, ANSWER)
+        .await;
     let (holder, _) = f.lease_state("far-pref").await;
     assert!(
         holder.as_ref().is_some_and(|h| web_pods.contains(h)),
@@ -348,7 +317,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     )
     .await
     .unwrap();
-    let (_, _, message) = wait_condition(&f, &long, "LeaderElected", "True", None).await;
+    let (_, _, message) = f.wait_condition(&long, "LeaderElected", None, ANSWER).await;
     let (holder, epoch) = f.lease_state(&long).await;
     assert!(holder.is_some() && epoch == 1);
     let events = Api::<DynamicObject>::namespaced_with(
@@ -400,7 +369,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     )
     .await
     .unwrap();
-    let (_, reason, message) = wait_condition(&f, "prio", "Degraded", "True", None).await;
+    let (_, reason, message) = f.wait_condition("prio", "Degraded", None, ANSWER).await;
     f.groups()
         .patch(
             "prio",
@@ -409,7 +378,8 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
         )
         .await
         .unwrap();
-    wait_condition(&f, "prio", "LeaderElected", "True", None).await;
+    f.wait_condition("prio", "LeaderElected", None, ANSWER)
+        .await;
     assert!(
         message.contains(bad.as_str()) && message.contains("high"),
         "{message}"
@@ -434,7 +404,9 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     )
     .await
     .unwrap();
-    let (_, reason, message) = wait_condition(&f, "no-values", "InvalidSpec", "True", None).await;
+    let (_, reason, message) = f
+        .wait_condition("no-values", "InvalidSpec", None, ANSWER)
+        .await;
     report(
         "matchExpressions In without values",
         &format!("InvalidSpec/{reason}: {message}"),

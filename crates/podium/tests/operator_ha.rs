@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::checker::Checker;
 use common::faults::Faults;
-use common::{fixture, start_operator, wait_for};
-use kube::ResourceExt;
+use common::{Fixture, fixture, start_operator, wait_for};
+use kube::Client;
 use podium::ha::ElectionConfig;
+use podium::operator::Operator;
 use podium_testkit::testbed::Testbed;
 use serde_json::json;
 
@@ -32,12 +33,21 @@ async fn wait_leading(op: &podium::operator::Operator, what: &str, timeout: Dura
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_takes_over_from_a_crashed_or_stopped_replica_without_moving_leadership() {
-    let f = fixture("ha").await;
+/// Two replicas of the operator, a (with `client_a`) leading and b standing by, over three pods
+/// of app `web` under the checker; and the group `web` with its first leader.
+struct Replicas {
+    f: Fixture,
+    checker: Checker,
+    a: Operator,
+    b: Operator,
+    leader: String,
+}
+
+async fn replicas(prefix: &str, client_a: Client) -> Replicas {
+    let f = fixture(prefix).await;
     f.deploy("web", 3).await;
     let checker = Checker::start(&f.client, &f.ns, "web", None).await;
-    let a = start_operator(f.client.clone(), &f.ns, election(&f.ns, "replica-a")).await;
+    let a = start_operator(client_a, &f.ns, election(&f.ns, "replica-a")).await;
     wait_leading(&a, "replica a to lead", Duration::from_secs(5)).await;
     let b = start_operator(
         Testbed::shared().client(),
@@ -46,10 +56,25 @@ async fn a_standby_takes_over_from_a_crashed_or_stopped_replica_without_moving_l
     )
     .await;
     f.group("web", "web", json!({})).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let leader = f.wait_leader_name(None, Duration::from_secs(2)).await;
+    Replicas {
+        f,
+        checker,
+        a,
+        b,
+        leader,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_from_a_crashed_or_stopped_replica_without_moving_leadership() {
+    let Replicas {
+        f,
+        checker,
+        a,
+        b,
+        leader,
+    } = replicas("ha", Testbed::shared().client()).await;
     assert!(!*b.leading.borrow(), "only one replica leads");
     let state = f.lease_state("web").await;
 
@@ -71,9 +96,8 @@ async fn a_standby_takes_over_from_a_crashed_or_stopped_replica_without_moving_l
     // The new active replica does the next failover.
     f.delete_pod(&leader).await;
     let next = f
-        .wait_leader_other_than(Some(&leader), Duration::from_secs(5))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&leader), Duration::from_secs(5))
+        .await;
 
     // A graceful stop steps down, so a new standby takes over in about a second.
     let c = start_operator(
@@ -96,28 +120,14 @@ async fn a_standby_takes_over_from_a_crashed_or_stopped_replica_without_moving_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_replica_wakes_up_to_refused_writes_and_no_second_leader() {
-    let f = fixture("frozen").await;
-    f.deploy("web", 3).await;
-    let checker = Checker::start(&f.client, &f.ns, "web", None).await;
     let faults = Faults::default();
-    let a = start_operator(
-        faults.client(Testbed::shared().config()),
-        &f.ns,
-        election(&f.ns, "replica-a"),
-    )
-    .await;
-    wait_leading(&a, "replica a to lead", Duration::from_secs(5)).await;
-    let b = start_operator(
-        Testbed::shared().client(),
-        &f.ns,
-        election(&f.ns, "replica-b"),
-    )
-    .await;
-    f.group("web", "web", json!({})).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(2))
-        .await
-        .name_any();
+    let Replicas {
+        f,
+        checker,
+        a,
+        b,
+        leader,
+    } = replicas("frozen", faults.client(Testbed::shared().config())).await;
     // Let a finish the election (its status write, and the retry a stale cache may cause), so
     // the write frozen below is one of the failover's, not a leftover of the election.
     f.wait_status("web", Some(&leader), Duration::from_secs(5))
@@ -134,9 +144,8 @@ async fn a_frozen_replica_wakes_up_to_refused_writes_and_no_second_leader() {
         "the frozen replica still believes it leads"
     );
     let next = f
-        .wait_leader_other_than(Some(&leader), Duration::from_secs(5))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&leader), Duration::from_secs(5))
+        .await;
     let state = f.lease_state("web").await;
 
     // Wake a up: whatever it decided while frozen is sent now, on stale resourceVersions.
@@ -163,14 +172,7 @@ async fn a_frozen_replica_wakes_up_to_refused_writes_and_no_second_leader() {
         state,
         "the stale replica changed nothing"
     );
-    assert_eq!(
-        f.leaders()
-            .await
-            .iter()
-            .map(|p| p.name_any())
-            .collect::<Vec<_>>(),
-        vec![next]
-    );
+    assert_eq!(f.leader_names().await, vec![next]);
     checker.assert_invariants(&f.client, &f.ns).await;
     a.stop().await;
     b.stop().await;

@@ -8,12 +8,11 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::checker::Checker;
-use common::{fixture, start_operator, wait_for};
+use common::{fixture, served, start_operator, wait_for};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
-use kube::{Client, ResourceExt};
 use podium_testkit::testbed::{Testbed, find_binary};
 use serde_json::Value;
 
@@ -89,26 +88,14 @@ async fn operator_client(admin: &Client, namespace: &str, drop_verb: Option<&str
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_rbac_is_enough_for_election_and_failover() {
-    let f = fixture("rbac-ok").await;
-    f.deploy("web", 3).await;
-    let service = f.leader_service("web").await;
-    let checker = Checker::start(&f.client, &f.ns, "web", Some(&service)).await;
+    let (f, _service, checker) = served("rbac-ok", 3).await;
     let client = operator_client(&f.client, &f.ns, None).await;
     let operator = start_operator(client, &f.ns, None).await;
     f.group("web", "web", serde_json::json!({})).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(3))
-        .await
-        .name_any();
+    let leader = f.wait_leader_name(None, Duration::from_secs(3)).await;
     f.wait_status("web", Some(&leader), Duration::from_secs(3))
         .await;
-    f.delete_pod(&leader).await;
-    let next = f
-        .wait_leader_other_than(Some(&leader), Duration::from_secs(5))
-        .await
-        .name_any();
-    f.wait_status("web", Some(&next), Duration::from_secs(3))
-        .await;
+    let next = f.delete_leader("web", &leader).await;
     assert_eq!(f.lease_state("web").await, (Some(next), 2));
     checker.assert_invariants(&f.client, &f.ns).await;
     assert!(

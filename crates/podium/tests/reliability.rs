@@ -13,11 +13,12 @@
 
 mod common;
 
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use common::checker::{self, Checker};
 use common::faults::{Fault, Faults};
-use common::{Elected, Fixture, RunOperator, elected, fixture, pod_ip, start_operator, wait_for};
+use common::{Fixture, RunOperator, elected, finish, fixture, pod_ip, start_operator, wait_for};
 use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
 use podium::crd::{EPOCH_ANNOTATION, ROLE_LABEL};
@@ -49,13 +50,10 @@ impl Scene {
         let operator = start_operator(faults.client(Testbed::shared().config()), &f.ns, None).await;
         f.group("web", "web", json!({ "leaseDurationSeconds": QUIET_TTL }))
             .await;
-        let leader = f
-            .wait_leader_other_than(None, Duration::from_secs(5))
-            .await
-            .name_any();
+        let leader = f.wait_leader_name(None, Duration::from_secs(5)).await;
         f.wait_status("web", Some(&leader), Duration::from_secs(5))
             .await;
-        wait_followers(&f, 2).await;
+        f.wait_followers(2, Duration::from_secs(5)).await;
         // Let the reconciles that our own label writes triggered run out.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (_, epoch) = f.lease_state("web").await;
@@ -90,9 +88,8 @@ impl Scene {
             self.checker.resume_i4();
         }
         let next = f
-            .wait_leader_other_than(Some(&self.leader), Duration::from_secs(10))
-            .await
-            .name_any();
+            .wait_leader_name(Some(&self.leader), Duration::from_secs(10))
+            .await;
         let took = started.elapsed();
         f.wait_status("web", Some(&next), Duration::from_secs(10))
             .await;
@@ -124,21 +121,6 @@ impl Scene {
     }
 }
 
-async fn wait_followers(f: &Fixture, n: usize) {
-    let pods = f.pods();
-    wait_for(Duration::from_secs(5), &format!("{n} followers"), || {
-        let pods = pods.clone();
-        async move {
-            let l = pods
-                .list(&kube::api::ListParams::default().labels(&format!("{ROLE_LABEL}=follower")))
-                .await
-                .ok()?;
-            (l.items.len() == n).then_some(())
-        }
-    })
-    .await;
-}
-
 fn reaction(reaction: Duration) -> checker::Options {
     checker::Options {
         reaction: Some(reaction),
@@ -159,9 +141,8 @@ async fn a_handover_writes_lease_then_old_label_then_new_label_then_status() {
         .unwrap();
     let next = scene
         .f
-        .wait_leader_other_than(Some(&scene.leader), Duration::from_secs(5))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&scene.leader), Duration::from_secs(5))
+        .await;
     scene
         .f
         .wait_status("web", Some(&next), Duration::from_secs(5))
@@ -188,37 +169,17 @@ async fn a_handover_writes_lease_then_old_label_then_new_label_then_status() {
     scene.operator.take().unwrap().stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_conflict_at_any_write_of_a_handover_is_retried_from_fresh_state() {
-    for nth in 1..=4 {
-        Scene::new("conflict", Default::default())
-            .await
-            .fail_over_with(Fault::Conflict, nth)
-            .await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_error_at_any_write_of_a_handover_is_retried() {
-    // A failed write is retried after half a second (the error policy), hence 2 s for I4.
-    for nth in 1..=4 {
-        Scene::new("error500", reaction(Duration::from_secs(2)))
-            .await
-            .fail_over_with(Fault::ServerError, nth)
-            .await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timeout_before_or_after_the_server_applied_a_write_converges() {
-    // A 1 s timeout plus the retry delay: the old leader may keep its label ~1.5 s.
-    let delay = Duration::from_secs(1);
-    for nth in 1..=3 {
-        for fault in [
-            Fault::TimeoutBeforeSend(delay),
-            Fault::TimeoutAfterSend(delay),
-        ] {
-            Scene::new("timeout", reaction(Duration::from_secs(3)))
+/// Fails over with each of `faults` at each of `writes` of a handover in turn, on a fresh scene
+/// each time.
+async fn at_each_write(
+    prefix: &str,
+    options: checker::Options,
+    writes: RangeInclusive<usize>,
+    faults: &[Fault],
+) {
+    for nth in writes {
+        for &fault in faults {
+            Scene::new(prefix, options.clone())
                 .await
                 .fail_over_with(fault, nth)
                 .await;
@@ -226,17 +187,41 @@ async fn a_timeout_before_or_after_the_server_applied_a_write_converges() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_at_any_write_of_a_handover_is_retried_from_fresh_state() {
+    at_each_write("conflict", Default::default(), 1..=4, &[Fault::Conflict]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_at_any_write_of_a_handover_is_retried() {
+    // A failed write is retried after half a second (the error policy), hence 2 s for I4.
+    let options = reaction(Duration::from_secs(2));
+    at_each_write("error500", options, 1..=4, &[Fault::ServerError]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_before_or_after_the_server_applied_a_write_converges() {
+    // A 1 s timeout plus the retry delay: the old leader may keep its label ~1.5 s.
+    let delay = Duration::from_secs(1);
+    let timeouts = [
+        Fault::TimeoutBeforeSend(delay),
+        Fault::TimeoutAfterSend(delay),
+    ];
+    at_each_write(
+        "timeout",
+        reaction(Duration::from_secs(3)),
+        1..=3,
+        &timeouts,
+    )
+    .await;
+}
+
 /// The operator dies before write 1 (nothing written), between the Lease and the old leader's
 /// label, between the two labels, or before the status, and a new one starts: it converges from
 /// the Lease, and at no moment are two pods labelled leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_at_any_step_of_a_failover_restarts_and_converges() {
-    for nth in 1..=4 {
-        Scene::new("crash", Default::default())
-            .await
-            .fail_over_with(Fault::Crash, nth)
-            .await;
-    }
+    at_each_write("crash", Default::default(), 1..=4, &[Fault::Crash]).await;
 }
 
 /// Operator restarts (a crash, then a new process) with a healthy leader move nothing: the new
@@ -244,15 +229,10 @@ async fn an_operator_killed_at_any_step_of_a_failover_restarts_and_converges() {
 /// cache that had filled before the pod cache, see no members, and fail the leader over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_the_operator_repeatedly_keeps_the_leader_and_epoch() {
-    let Elected {
-        f,
-        checker,
-        mut operator,
-        leader,
-    } = elected("restarts", 3, json!({})).await;
+    let (f, checker, mut operator, leader) = elected("restarts", 3, json!({})).await;
     f.wait_status("web", Some(&leader), Duration::from_secs(5))
         .await;
-    wait_followers(&f, 2).await;
+    f.wait_followers(2, Duration::from_secs(5)).await;
     let state = f.lease_state("web").await;
     let since = Instant::now();
     for _ in 0..8 {
@@ -264,20 +244,7 @@ async fn restarting_the_operator_repeatedly_keeps_the_leader_and_epoch() {
     let leases = checker.lease_changes_since(since);
     assert!(leases.iter().all(|l| *l == state), "{leases:?}");
     assert!(checker.role_changes_since(since).is_empty());
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
-}
-
-async fn renew_time(f: &Fixture) -> jiff::Timestamp {
-    f.leases()
-        .get("web")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .renew_time
-        .unwrap()
-        .0
+    finish(&f, &checker, operator).await;
 }
 
 /// kube-apiserver is restarted, then kept down for more than 2×TTL, while the operator runs.
@@ -293,13 +260,10 @@ async fn the_api_server_restarting_or_down_past_two_ttls_moves_no_leader() {
     let ttl = 4;
     f.group("web", "web", json!({ "leaseDurationSeconds": ttl }))
         .await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(5))
-        .await
-        .name_any();
+    let leader = f.wait_leader_name(None, Duration::from_secs(5)).await;
     f.wait_status("web", Some(&leader), Duration::from_secs(5))
         .await;
-    wait_followers(&f, 2).await;
+    f.wait_followers(2, Duration::from_secs(5)).await;
     let state = f.lease_state("web").await;
 
     for (phase, down_for) in [
@@ -319,7 +283,7 @@ async fn the_api_server_restarting_or_down_past_two_ttls_moves_no_leader() {
         wait_for(
             Duration::from_secs(30),
             "the Lease to be renewed after the restart",
-            || async { (renew_time(&f).await > up).then_some(()) },
+            || async { (f.renew_time("web").await > up).then_some(()) },
         )
         .await;
         println!(
@@ -329,11 +293,7 @@ async fn the_api_server_restarting_or_down_past_two_ttls_moves_no_leader() {
         tokio::time::sleep(Duration::from_secs(ttl as u64)).await;
         assert_eq!(f.lease_state("web").await, state, "{phase}: no failover");
         assert_eq!(
-            f.leaders()
-                .await
-                .iter()
-                .map(|p| p.name_any())
-                .collect::<Vec<_>>(),
+            f.leader_names().await,
             vec![leader.clone()],
             "{phase}: the same pod keeps the label"
         );
@@ -352,12 +312,10 @@ async fn the_api_server_restarting_or_down_past_two_ttls_moves_no_leader() {
     // The watches are back: the next NotReady fails over at once.
     set_pod_not_ready(&f.client, &f.ns, &leader).await.unwrap();
     let next = f
-        .wait_leader_other_than(Some(&leader), Duration::from_secs(30))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&leader), Duration::from_secs(30))
+        .await;
     assert_eq!(f.lease_state("web").await, (Some(next), state.1 + 1));
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
     drop(checker);
     drop(f);
 }
@@ -411,19 +369,9 @@ async fn readiness_flapping_does_not_flap_the_leader_and_min_ready_seconds_holds
         json!({ "leaseDurationSeconds": 4, "minReadySeconds": 2 }),
     )
     .await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(6))
-        .await
-        .name_any();
+    let leader = f.wait_leader_name(None, Duration::from_secs(6)).await;
     let (_, epoch) = f.lease_state("web").await;
-    let pods: Vec<String> = f
-        .pods()
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.name_any())
-        .collect();
+    let pods = f.pod_names().await;
     let follower = pods.iter().find(|p| **p != leader).unwrap().clone();
     let third = pods
         .iter()
@@ -469,9 +417,8 @@ async fn readiness_flapping_does_not_flap_the_leader_and_min_ready_seconds_holds
         .unwrap();
     set_pod_not_ready(&f.client, &f.ns, &third).await.unwrap();
     let back = f
-        .wait_leader_other_than(Some(&third), Duration::from_secs(6))
-        .await
-        .name_any();
+        .wait_leader_name(Some(&third), Duration::from_secs(6))
+        .await;
     assert_eq!(back, leader);
     let elected = wait_for(Duration::from_secs(2), "the checker to see it", || async {
         checker.leader_seen_at(&leader, last_ready)
@@ -484,8 +431,7 @@ async fn readiness_flapping_does_not_flap_the_leader_and_min_ready_seconds_holds
         "elected after {after:?}, before minReadySeconds"
     );
     assert!(after < min_ready + Duration::from_secs(2), "{after:?}");
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 /// Whether `pod` lost the leader label after `since` and then had it again.
@@ -533,19 +479,8 @@ async fn wait_lease(f: &Fixture, what: &str, check: impl Fn(Option<String>, i32)
 /// restarting at 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_deleted_with_its_leader_pod_keeps_the_epoch_growing() {
-    let Elected {
-        f,
-        checker,
-        operator,
-        leader: first,
-    } = elected("lost-epoch", 3, json!({})).await;
-    f.delete_pod(&first).await;
-    let leader = f
-        .wait_leader_other_than(Some(&first), Duration::from_secs(5))
-        .await
-        .name_any();
-    f.wait_status("web", Some(&leader), Duration::from_secs(3))
-        .await;
+    let (f, checker, operator, first) = elected("lost-epoch", 3, json!({})).await;
+    let leader = f.delete_leader("web", &first).await;
     let (_, epoch) = f.lease_state("web").await;
     assert!(epoch >= 2, "two terms so far, epoch {epoch}");
     operator.stop().await;
@@ -584,8 +519,7 @@ async fn a_lease_deleted_with_its_leader_pod_keeps_the_epoch_growing() {
     })
     .await;
     checker::assert_converged(&f.client, &f.ns, "web").await;
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }
 
 /// A human edits the leader's labels, labels a second leader, points the Lease elsewhere (at a
@@ -595,22 +529,12 @@ async fn a_lease_deleted_with_its_leader_pod_keeps_the_epoch_growing() {
 async fn human_edits_of_labels_and_the_lease_converge_back() {
     let f = fixture("humans").await;
     f.deploy("web", 3).await;
-    let pods: Vec<String> = f
-        .pods()
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.name_any())
-        .collect();
+    let pods = f.pod_names().await;
     let checker = Checker::start(&f.client, &f.ns, "web", None).await;
     let operator = f.operator().await;
     f.group("web", "web", json!({})).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(5))
-        .await
-        .name_any();
-    wait_followers(&f, 2).await;
+    let leader = f.wait_leader_name(None, Duration::from_secs(5)).await;
+    f.wait_followers(2, Duration::from_secs(5)).await;
     let (_, epoch) = f.lease_state("web").await;
     let other = pods.iter().find(|p| **p != leader).unwrap().clone();
     let leader_label = |f: &Fixture, pod: String| {
@@ -667,20 +591,7 @@ async fn human_edits_of_labels_and_the_lease_converge_back() {
 
     // The Lease pointed at another pod (with a new epoch): the labels follow the Lease, and the
     // epoch stays the human's (no second transfer).
-    let mut lease = f.leases().get("web").await.unwrap();
-    let spec = lease.spec.as_mut().unwrap();
-    spec.holder_identity = Some(other.clone());
-    spec.lease_transitions = Some(epoch + 1);
-    lease
-        .metadata
-        .annotations
-        .as_mut()
-        .unwrap()
-        .remove("podium.dev/holder-uid");
-    f.leases()
-        .replace("web", &Default::default(), &lease)
-        .await
-        .unwrap();
+    f.hand_lease_to("web", &other, epoch + 1).await;
     wait_for(
         Duration::from_secs(3),
         "the labels to follow the Lease",
@@ -703,14 +614,12 @@ async fn human_edits_of_labels_and_the_lease_converge_back() {
     );
 
     // The Lease pointed at a pod that does not exist: failover to an eligible pod.
-    let mut lease = f.leases().get("web").await.unwrap();
-    let spec = lease.spec.as_mut().unwrap();
-    spec.holder_identity = Some("ghost".into());
-    spec.lease_transitions = Some(epoch + 2);
-    f.leases()
-        .replace("web", &Default::default(), &lease)
-        .await
-        .unwrap();
+    f.edit_lease("web", |lease| {
+        let spec = lease.spec.as_mut().unwrap();
+        spec.holder_identity = Some("ghost".into());
+        spec.lease_transitions = Some(epoch + 2);
+    })
+    .await;
     wait_lease(&f, "a real holder again", |h, e| {
         h.is_some_and(|h| pods.contains(&h)) && e == epoch + 3
     })
@@ -726,12 +635,10 @@ async fn human_edits_of_labels_and_the_lease_converge_back() {
     common::checker::assert_converged(&f.client, &f.ns, "web").await;
 
     // The Lease's TTL changed: podium puts the group's back.
-    let mut lease = f.leases().get("web").await.unwrap();
-    lease.spec.as_mut().unwrap().lease_duration_seconds = Some(600);
-    f.leases()
-        .replace("web", &Default::default(), &lease)
-        .await
-        .unwrap();
+    f.edit_lease("web", |lease| {
+        lease.spec.as_mut().unwrap().lease_duration_seconds = Some(600);
+    })
+    .await;
     wait_for(Duration::from_secs(3), "the group's TTL back", || async {
         let d = f
             .leases()
@@ -744,6 +651,5 @@ async fn human_edits_of_labels_and_the_lease_converge_back() {
     })
     .await;
 
-    checker.assert_invariants(&f.client, &f.ns).await;
-    operator.stop().await;
+    finish(&f, &checker, operator).await;
 }

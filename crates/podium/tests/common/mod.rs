@@ -23,32 +23,38 @@ impl RunOperator for Fixture {
     }
 }
 
-/// The opening most election tests share, up to the first leader: three (or `replicas`) pods of
-/// app `web`, a checker watching them from the start, an in-process operator, and the group
-/// `web` with `spec`.
-pub struct Elected {
-    pub f: Fixture,
-    pub checker: checker::Checker,
-    pub operator: Operator,
-    pub leader: String,
+/// Pods of app `web` behind their leader Service, watched by a checker (I5 included) from the
+/// start. Returns the fixture, the Service's name and the checker.
+pub async fn served(prefix: &str, replicas: i32) -> (Fixture, String, checker::Checker) {
+    let f = fixture(prefix).await;
+    f.deploy("web", replicas).await;
+    let service = f.leader_service("web").await;
+    let checker = checker::Checker::start(&f.client, &f.ns, "web", Some(&service)).await;
+    (f, service, checker)
 }
 
-pub async fn elected(prefix: &str, replicas: i32, spec: Value) -> Elected {
+/// The opening most election tests share, up to the first leader: three (or `replicas`) pods of
+/// app `web`, a checker watching them from the start, an in-process operator, and the group
+/// `web` with `spec`. Returns the fixture, the checker, the operator and the leader's name.
+pub async fn elected(
+    prefix: &str,
+    replicas: i32,
+    spec: Value,
+) -> (Fixture, checker::Checker, Operator, String) {
     let f = fixture(prefix).await;
     f.deploy("web", replicas).await;
     let checker = checker::Checker::start(&f.client, &f.ns, "web", None).await;
     let operator = f.operator().await;
     f.group("web", "web", spec).await;
-    let leader = f
-        .wait_leader_other_than(None, Duration::from_secs(5))
-        .await
-        .name_any();
-    Elected {
-        f,
-        checker,
-        operator,
-        leader,
-    }
+    let leader = f.wait_leader_name(None, Duration::from_secs(5)).await;
+    (f, checker, operator, leader)
+}
+
+/// The end of a test under the checker: no invariant broke over the whole run, and the
+/// operator stops cleanly.
+pub async fn finish(f: &Fixture, checker: &checker::Checker, operator: Operator) {
+    checker.assert_invariants(&f.client, &f.ns).await;
+    operator.stop().await;
 }
 
 pub async fn start_operator(
