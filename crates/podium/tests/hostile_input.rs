@@ -63,6 +63,18 @@ async fn create(f: &Fixture, name: &str, spec: Value) -> Result<(), (u16, String
 /// How long podium may take to answer a hostile spec with a condition.
 const ANSWER: Duration = Duration::from_secs(10);
 
+/// A spec that selects the pods of `app`.
+fn selecting(app: &str) -> Value {
+    json!({ "selector": { "matchLabels": { "app": app } } })
+}
+
+/// Creates group `name` with `spec`, which the API server must accept, and waits for podium
+/// to answer with condition `type_`; returns it as (status, reason, message).
+async fn answer(f: &Fixture, name: &str, type_: &str, spec: Value) -> (String, String, String) {
+    create(f, name, spec).await.unwrap();
+    f.wait_condition(name, type_, None, ANSWER).await
+}
+
 /// The healthy group every case must leave alone: two pods `app=healthy`, under the checker.
 struct Healthy {
     checker: Checker,
@@ -195,14 +207,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     }
 
     // Accepted by the server, answered by podium with a condition.
-    create(
-        &f,
-        "overlap",
-        json!({ "selector": { "matchLabels": { "app": "healthy" } } }),
-    )
-    .await
-    .unwrap();
-    let (_, reason, message) = f.wait_condition("overlap", "Conflict", None, ANSWER).await;
+    let (_, reason, message) = answer(&f, "overlap", "Conflict", selecting("healthy")).await;
     assert_eq!(reason, "OverlappingGroup", "{message}");
     assert!(message.contains("healthy"), "{message}");
     report(
@@ -212,14 +217,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
 
     // A Lease named like the group but not podium's: left alone.
     f.foreign_lease("taken", "someone-else").await;
-    create(
-        &f,
-        "taken",
-        json!({ "selector": { "matchLabels": { "app": "web" } } }),
-    )
-    .await
-    .unwrap();
-    let (_, reason, message) = f.wait_condition("taken", "Conflict", None, ANSWER).await;
+    let (_, reason, message) = answer(&f, "taken", "Conflict", selecting("web")).await;
     assert_eq!(reason, "LeaseNotOwned", "{message}");
     let lease = f.leases().get("taken").await.unwrap();
     assert_eq!(
@@ -252,16 +250,8 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     );
 
     // preferredLeader naming a pod that does not exist: an ordinary election.
-    create(
-        &f,
-        "ghost-pref",
-        json!({ "selector": { "matchLabels": { "app": "web" } }, "preferredLeader": "no-such-pod" }),
-    )
-    .await
-    .unwrap();
-    let (_, _, message) = f
-        .wait_condition("ghost-pref", "LeaderElected", None, ANSWER)
-        .await;
+    let spec = json!({ "selector": { "matchLabels": { "app": "web" } }, "preferredLeader": "no-such-pod" });
+    let (_, _, message) = answer(&f, "ghost-pref", "LeaderElected", spec).await;
     let (holder, _) = f.lease_state("ghost-pref").await;
     assert!(holder.as_ref().is_some_and(|h| web_pods.contains(h)));
     report(
@@ -284,16 +274,13 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
         .create(&PostParams::default(), &lonely)
         .await
         .unwrap();
-    create(
+    let (_, _, message) = answer(
         &f,
         "far-pref",
+        "LeaderElected",
         json!({ "selector": { "matchLabels": { "app": "web" } }, "preferredLeader": "lonely" }),
     )
-    .await
-    .unwrap();
-    let (_, _, message) = f
-        .wait_condition("far-pref", "LeaderElected", None, ANSWER)
-        .await;
+    .await;
     let (holder, _) = f.lease_state("far-pref").await;
     assert!(
         holder.as_ref().is_some_and(|h| web_pods.contains(h)),
@@ -310,14 +297,7 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
     // cannot fit: those events are refused and dropped (events are best effort).
     let long = format!("g{}", "x".repeat(252));
     assert_eq!(long.len(), 253);
-    create(
-        &f,
-        &long,
-        json!({ "selector": { "matchLabels": { "app": "web" } } }),
-    )
-    .await
-    .unwrap();
-    let (_, _, message) = f.wait_condition(&long, "LeaderElected", None, ANSWER).await;
+    let (_, _, message) = answer(&f, &long, "LeaderElected", selecting("web")).await;
     let (holder, epoch) = f.lease_state(&long).await;
     assert!(holder.is_some() && epoch == 1);
     let events = Api::<DynamicObject>::namespaced_with(
@@ -362,14 +342,13 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
             .await
             .unwrap();
     }
-    create(
+    let (_, reason, message) = answer(
         &f,
         "prio",
+        "Degraded",
         json!({ "selector": { "matchLabels": { "app": "web" } }, "paused": true }),
     )
-    .await
-    .unwrap();
-    let (_, reason, message) = f.wait_condition("prio", "Degraded", None, ANSWER).await;
+    .await;
     f.groups()
         .patch(
             "prio",
@@ -397,16 +376,13 @@ async fn hostile_specs_end_in_a_rejection_or_a_condition_and_other_groups_keep_w
 
     // The operator's own validation for what v1.20 lets through (no CEL there): an `In` without
     // values.
-    create(
+    let (_, reason, message) = answer(
         &f,
         "no-values",
+        "InvalidSpec",
         json!({ "selector": { "matchExpressions": [{ "key": "app", "operator": "In" }] } }),
     )
-    .await
-    .unwrap();
-    let (_, reason, message) = f
-        .wait_condition("no-values", "InvalidSpec", None, ANSWER)
-        .await;
+    .await;
     report(
         "matchExpressions In without values",
         &format!("InvalidSpec/{reason}: {message}"),
@@ -537,17 +513,19 @@ async fn one_group_over_thousands_of_pods_stays_fast() {
     )
     .await;
     let elected = created_at.elapsed();
+    // Makes `leader` NotReady; returns the next leader and how long the failover took.
+    let fail_over = async |leader: &String, what: &str| {
+        let failed_at = Instant::now();
+        set_pod_not_ready(&f.client, &f.ns, leader).await.unwrap();
+        let next = wait_for(Duration::from_secs(60), what, || {
+            big_leader(Some(leader.clone()))
+        })
+        .await;
+        (next, failed_at.elapsed())
+    };
 
     // A failover while thousands of followers are still being labelled.
-    let failed_at = Instant::now();
-    set_pod_not_ready(&f.client, &f.ns, &first).await.unwrap();
-    let second = wait_for(
-        Duration::from_secs(60),
-        "a failover while labelling",
-        || big_leader(Some(first.clone())),
-    )
-    .await;
-    let early_failover = failed_at.elapsed();
+    let (second, early_failover) = fail_over(&first, "a failover while labelling").await;
 
     // Every member labelled, while the Lease keeps being renewed.
     let timeout = Duration::from_secs(if n > 5_000 { 600 } else { 180 });
@@ -586,15 +564,7 @@ async fn one_group_over_thousands_of_pods_stays_fast() {
     f.wait_status("big", Some(&second), Duration::from_secs(30))
         .await;
 
-    let failed_at = Instant::now();
-    set_pod_not_ready(&f.client, &f.ns, &second).await.unwrap();
-    let third = wait_for(
-        Duration::from_secs(60),
-        "the big group to fail over",
-        || big_leader(Some(second.clone())),
-    )
-    .await;
-    let failover = failed_at.elapsed();
+    let (third, failover) = fail_over(&second, "the big group to fail over").await;
     println!(
         "{n} pods in one group: first leader labelled {elected:?} after the group was created; \
          failover during the labelling {first} -> {second} in {early_failover:?}; every member \
