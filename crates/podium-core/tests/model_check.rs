@@ -834,41 +834,15 @@ impl Model for Protocols {
 /// Only equality of versions matters to the protocol, so states that differ only in which
 /// numbers the server handed out (two independent writes in either order) become one state.
 fn canonicalize(s: &mut State) {
-    let mut names: BTreeMap<u32, u32> = BTreeMap::new();
-    let mut rename = |v: &mut u32| {
-        let next = u32::try_from(names.len()).unwrap_or(u32::MAX) + 1;
-        *v = *names.entry(*v).or_insert(next);
-    };
-    let mut rename_text = |t: &mut String, rename: &mut dyn FnMut(&mut u32)| {
-        if let Ok(mut v) = t.parse::<u32>() {
-            rename(&mut v);
-            *t = v.to_string();
-        }
-    };
-    fn pods(
-        list: &mut [Option<PodObj>],
-        rename: &mut dyn FnMut(&mut u32),
-        rename_text: &mut dyn FnMut(&mut String, &mut dyn FnMut(&mut u32)),
-    ) {
-        for p in list.iter_mut().flatten() {
-            rename(&mut p.version);
-            if let Some(f) = p.fence.as_mut() {
-                rename_text(f, rename);
-            }
-        }
-    }
-    pods(&mut s.world.pods, &mut rename, &mut rename_text);
-    if let Some(l) = s.world.lease.as_mut() {
-        rename(&mut l.version);
-    }
-    rename(&mut s.world.group.version);
-    for r in &mut s.replicas {
-        pods(&mut r.pods, &mut rename, &mut rename_text);
-        if let Some(l) = r.lease.as_mut() {
-            rename(&mut l.version);
-        }
-        rename(&mut r.group.version);
-        for request in &mut r.plan {
+    let mut r = Renamer::default();
+    r.pods(&mut s.world.pods);
+    r.lease(&mut s.world.lease);
+    r.num(&mut s.world.group.version);
+    for replica in &mut s.replicas {
+        r.pods(&mut replica.pods);
+        r.lease(&mut replica.lease);
+        r.num(&mut replica.group.version);
+        for request in &mut replica.plan {
             match request {
                 Request::Label(
                     LabelWrite::Demote {
@@ -887,22 +861,58 @@ fn canonicalize(s: &mut State) {
                         lease_version: resource_version,
                         ..
                     },
-                ) => rename_text(resource_version, &mut rename),
+                ) => r.text(resource_version),
                 Request::Lease { expect, .. } => {
                     if let Some(v) = expect.as_mut() {
-                        rename(v);
+                        r.num(v);
                     }
                 }
                 Request::CheckLease { .. } => {}
             }
         }
     }
-    pods(&mut s.oldest.0, &mut rename, &mut rename_text);
-    if let Some(l) = s.oldest.1.as_mut() {
-        rename(&mut l.version);
+    r.pods(&mut s.oldest.0);
+    r.lease(&mut s.oldest.1);
+    r.num(&mut s.oldest.2.version);
+    s.world.next_version = r.next();
+}
+
+#[derive(Default)]
+struct Renamer {
+    names: BTreeMap<u32, u32>,
+}
+
+impl Renamer {
+    fn next(&self) -> u32 {
+        u32::try_from(self.names.len()).unwrap_or(u32::MAX) + 1
     }
-    rename(&mut s.oldest.2.version);
-    s.world.next_version = u32::try_from(names.len()).unwrap_or(u32::MAX) + 1;
+
+    fn num(&mut self, v: &mut u32) {
+        let next = self.next();
+        *v = *self.names.entry(*v).or_insert(next);
+    }
+
+    fn text(&mut self, t: &mut String) {
+        if let Ok(mut v) = t.parse::<u32>() {
+            self.num(&mut v);
+            *t = v.to_string();
+        }
+    }
+
+    fn pods(&mut self, pods: &mut [Option<PodObj>]) {
+        for p in pods.iter_mut().flatten() {
+            self.num(&mut p.version);
+            if let Some(f) = p.fence.as_mut() {
+                self.text(f);
+            }
+        }
+    }
+
+    fn lease(&mut self, lease: &mut Option<LeaseObj>) {
+        if let Some(l) = lease.as_mut() {
+            self.num(&mut l.version);
+        }
+    }
 }
 
 /// States that differ only in a cache no decision will read are the same state.

@@ -131,7 +131,7 @@ fn reaction(reaction: Duration) -> checker::Options {
 /// The writes of a handover: 1 the Lease, 2 the old leader's label, 3 the new leader's, 4 the
 /// status. A baseline run checks that order, so the injection points mean what they say.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handover_writes_lease_then_old_label_then_new_label_then_status() {
+async fn a_handover_fences_the_old_leader_then_writes_the_lease_then_the_new_label_then_status() {
     let scene = Scene::new("handover", Default::default()).await;
     let faults = scene.faults.clone();
     // A fault past the end of the handover, so the log is kept and nothing is injected.
@@ -150,11 +150,11 @@ async fn a_handover_writes_lease_then_old_label_then_new_label_then_status() {
     let seen = faults.seen();
     let paths: Vec<&str> = seen.iter().map(|w| w.path.as_str()).collect();
     assert!(paths.len() >= 4, "{paths:?}");
-    assert!(paths[0].ends_with("/leases/web"), "{paths:?}");
     assert!(
-        paths[1].ends_with(&format!("/pods/{}", scene.leader)),
+        paths[0].ends_with(&format!("/pods/{}", scene.leader)),
         "{paths:?}"
     );
+    assert!(paths[1].ends_with("/leases/web"), "{paths:?}");
     assert!(paths[2].ends_with(&format!("/pods/{next}")), "{paths:?}");
     assert!(
         paths[3].ends_with("/electiongroups/web/status"),
