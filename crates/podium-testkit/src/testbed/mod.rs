@@ -20,6 +20,7 @@
 //! - `PODIUM_KEEP_TESTBED`: keep the temporary directory (certificates, logs, etcd data) for
 //!   inspection instead of deleting it.
 
+pub mod apiext;
 mod certs;
 pub mod kubelet;
 mod process;
