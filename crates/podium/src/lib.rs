@@ -3,7 +3,7 @@
 //!
 //! - [`reconcile`]: one group: observe, decide, apply the writes in order, report.
 //! - [`controller`]: the watches and how their events map to groups.
-//! - [`lease`], [`labels`]: the two kinds of conditional write.
+//! - [`lease`], [`labels`], [`status`]: the conditional writes.
 //! - [`memory`]: what the operator remembers per group between reconciles.
 //! - [`operator`], [`ha`], [`http`], [`metrics`], [`telemetry`], [`cli`]: running it.
 pub mod cli;
@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod operator;
 pub mod reconcile;
+pub mod status;
 pub mod telemetry;
 
 pub use podium_core::{FIELD_MANAGER, crd, election, selector, validate};

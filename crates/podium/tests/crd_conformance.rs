@@ -261,25 +261,13 @@ async fn a_valid_spec_gets_its_defaults() {
     assert_eq!(typed.spec.lease_duration_seconds, 15);
 }
 
-/// The operator's status write (crates/podium/src/reconcile/report.rs `write_status`): the
-/// same body, field manager, force and resourceVersion precondition.
+/// The operator's own status write, the code path `reconcile` uses.
 async fn write_status_like_the_operator(
     api: &Api<ElectionGroup>,
     group: &ElectionGroup,
     status: &ElectionGroupStatus,
 ) -> Result<ElectionGroup, kube::Error> {
-    let patch = json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": group.name_any(), "resourceVersion": group.resource_version() },
-        "status": status,
-    });
-    api.patch_status(
-        &group.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
+    podium::status::write(api, group, status).await
 }
 
 #[tokio::test]

@@ -3,16 +3,15 @@
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::Context;
-use crate::FIELD_MANAGER;
 use crate::crd::{ElectionGroup, ElectionGroupStatus, ROLE_LEADER, conditions};
 use crate::election::{self, Decision, Observation};
 use crate::error::{Error, Result};
+use crate::status;
 
 /// After a decision was applied: metrics, and the status when it changed.
 pub async fn decided(
@@ -84,19 +83,7 @@ pub async fn write_status(
 ) -> Result<()> {
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
     let api: Api<ElectionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": group.name_any(), "resourceVersion": group.resource_version() },
-        "status": status,
-    });
-    let written = api
-        .patch_status(
-            &group.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await;
+    let written = status::write(&api, group, status).await;
     let key = (namespace, group.name_any());
     let written = written.map_err(|e| {
         ctx.memory.status_write_failed(&key);
