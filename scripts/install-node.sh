@@ -20,28 +20,8 @@ NODE_FILES="$HERE/node"
 mkdir -p "$BIN" "$SRC" "$IMAGES"
 
 say() { printf '\033[1;34m[install-node]\033[0m %s\n' "$*" >&2; }
-SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-
-apt_updated=0
-apt_update_once() {
-  if [ "$apt_updated" = 0 ]; then
-    say "apt-get update"
-    $SUDO apt-get update -qq
-    apt_updated=1
-  fi
-}
-apt_install() {
-  local missing=()
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    apt_update_once
-    say "apt-get install ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-}
+# shellcheck source=scripts/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 # 1. The container runtime, CNI plugins (/usr/lib/cni), image tooling and what kubelet and
 #    kube-proxy call (iptables, conntrack, ip, mount, nsenter), all from Debian.
