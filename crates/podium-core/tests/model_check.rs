@@ -332,6 +332,15 @@ enum Outcome {
 }
 
 impl State {
+    /// An edit by the kubelet or a human: a new resourceVersion.
+    fn edit_pod(&mut self, i: usize, edit: impl FnOnce(&mut PodObj)) -> Option<()> {
+        let version = self.world.bump();
+        let p = self.world.pods.get_mut(i)?.as_mut()?;
+        edit(p);
+        p.version = version;
+        Some(())
+    }
+
     fn label_count(&self) -> usize {
         self.world
             .pods
@@ -761,10 +770,7 @@ impl Model for Protocols {
             }
             Action::DeletePod(i) => {
                 event(&mut s);
-                let version = s.world.bump();
-                let p = s.world.pods[i].as_mut()?;
-                p.terminating = true;
-                p.version = version;
+                s.edit_pod(i, |p| p.terminating = true)?;
             }
             Action::FinalizePod(i) => {
                 event(&mut s);
@@ -789,24 +795,15 @@ impl Model for Protocols {
             }
             Action::SetReady(i, ready) => {
                 event(&mut s);
-                let version = s.world.bump();
-                let p = s.world.pods[i].as_mut()?;
-                p.ready = ready;
-                p.version = version;
+                s.edit_pod(i, |p| p.ready = ready)?;
             }
             Action::HumanPriority(i) => {
                 event(&mut s);
-                let version = s.world.bump();
-                let p = s.world.pods[i].as_mut()?;
-                p.priority = true;
-                p.version = version;
+                s.edit_pod(i, |p| p.priority = true)?;
             }
             Action::HumanUnselect(i) => {
                 event(&mut s);
-                let version = s.world.bump();
-                let p = s.world.pods[i].as_mut()?;
-                p.selected = false;
-                p.version = version;
+                s.edit_pod(i, |p| p.selected = false)?;
             }
             Action::SetPreferred(p) => {
                 event(&mut s);

@@ -29,7 +29,7 @@ use kube::Client;
 use super::process::{ManagedProcess, free_port, lost_port_race};
 use super::{
     DIR_PREFIX, DirGuard, KEEP_MARKER, START_ATTEMPTS, Testbed, find_binary, path_str, server_url,
-    start_etcd, wait_ready,
+    start_etcd,
 };
 
 /// The file name of the 1.36 server in the binary directory.
@@ -186,20 +186,13 @@ async fn launch(
     log: &Path,
     config: &kube::Config,
 ) -> Result<ManagedProcess> {
-    let mut process = ManagedProcess::spawn("apiextensions-apiserver", bin, args, log)?;
-    let mut probe_config = config.clone();
-    probe_config.default_retry = false;
-    let client = Client::try_from(probe_config).context("building a probe client")?;
-    let client = &client;
-    wait_ready(&mut process, READY_TIMEOUT, || async move {
-        let Ok(request) = ::http::Request::get("/readyz").body(Vec::new()) else {
-            return false;
-        };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), client.request_text(request)).await,
-            Ok(Ok(body)) if body.trim() == "ok"
-        )
-    })
-    .await?;
-    Ok(process)
+    super::launch_until_ready(
+        "apiextensions-apiserver",
+        bin,
+        args,
+        log,
+        config,
+        READY_TIMEOUT,
+    )
+    .await
 }

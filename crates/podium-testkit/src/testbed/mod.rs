@@ -711,14 +711,27 @@ async fn launch_apiserver(
     log: &Path,
     config: &kube::Config,
 ) -> Result<ManagedProcess> {
-    let mut process = ManagedProcess::spawn("kube-apiserver", bin, args, log)?;
+    launch_until_ready("kube-apiserver", bin, args, log, config, APISERVER_TIMEOUT).await
+}
+
+/// Starts an API server (kube-apiserver or the 1.36 apiextensions-apiserver) and waits until
+/// its `/readyz` says ok.
+pub(crate) async fn launch_until_ready(
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+    config: &kube::Config,
+    timeout: Duration,
+) -> Result<ManagedProcess> {
+    let mut process = ManagedProcess::spawn(name, bin, args, log)?;
     // No retries: a starting apiserver answers 503 with Retry-After, and the client would sit
     // in its backoff instead of probing again.
     let mut probe_config = config.clone();
     probe_config.default_retry = false;
     let client = Client::try_from(probe_config).context("building a probe client")?;
     let client = &client;
-    wait_ready(&mut process, APISERVER_TIMEOUT, || async move {
+    wait_ready(&mut process, timeout, || async move {
         let Ok(request) = ::http::Request::get("/readyz").body(Vec::new()) else {
             return false;
         };
