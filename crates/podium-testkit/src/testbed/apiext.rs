@@ -45,6 +45,7 @@ pub struct ApiextServer {
     keep: bool,
     port: u16,
     config: kube::Config,
+    kubeconfig: PathBuf,
     server: Option<ManagedProcess>,
     etcd: Option<ManagedProcess>,
 }
@@ -126,12 +127,24 @@ impl ApiextServer {
             }
         };
 
+        // The testbed's admin kubeconfig, aimed at this server, so that real kubectl and helm
+        // can talk to it.
+        let kubeconfig = dir.join("kubeconfig");
+        let admin = fs::read_to_string(testbed.kubeconfig_path())
+            .context("reading the testbed's kubeconfig")?;
+        fs::write(
+            &kubeconfig,
+            admin.replace(&testbed.server_url(), &server_url(port)),
+        )
+        .context("writing the apiext kubeconfig")?;
+
         dir_guard.dir = None;
         let server = ApiextServer {
             dir,
             keep,
             port,
             config,
+            kubeconfig,
             server: Some(server),
             etcd: Some(etcd),
         };
@@ -153,6 +166,11 @@ impl ApiextServer {
     /// The admin client configuration.
     pub fn config(&self) -> kube::Config {
         self.config.clone()
+    }
+
+    /// A kubeconfig file with the admin identity, for kubectl and helm.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
     }
 
     /// `https://127.0.0.1:<port>`.
