@@ -21,6 +21,10 @@ pub const FENCE_ANNOTATION: &str = "podium.dev/fence";
 pub const GROUP_ANNOTATION: &str = "podium.dev/group";
 /// Annotation a user may set on a pod to rank it higher in elections (an integer).
 pub const PRIORITY_ANNOTATION: &str = "podium.dev/priority";
+/// Annotation on an ElectionGroup asking for one switchover: a JSON [`SwitchoverRequest`].
+/// `podium switchover` writes it; the operator carries out each request id once and records the
+/// outcome in `status.lastSwitchover`.
+pub const SWITCHOVER_ANNOTATION: &str = "podium.dev/switchover";
 /// Finalizer that removes podium's labels from the members before a group goes away.
 pub const FINALIZER: &str = "podium.dev/cleanup";
 /// Label put on Leases podium created, so humans and tools can tell them apart.
@@ -31,6 +35,8 @@ pub const DEFAULT_LEASE_DURATION_SECONDS: i32 = 15;
 pub const MIN_LEASE_DURATION_SECONDS: i32 = 2;
 pub const MAX_LEASE_DURATION_SECONDS: i32 = 3600;
 pub const MAX_MIN_READY_SECONDS: i32 = 3600;
+/// At most this many taint keys in `spec.drainTaints`.
+pub const MAX_DRAIN_TAINTS: usize = 16;
 /// Longest Kubernetes object name (a DNS subdomain).
 pub const MAX_NAME_LENGTH: usize = 253;
 
@@ -55,6 +61,10 @@ pub const MAX_NAME_LENGTH: usize = 253;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.failoverDelaySeconds) || !has(self.leaseDurationSeconds) || self.failoverDelaySeconds <= self.leaseDurationSeconds",
+    "message": "failoverDelaySeconds must not exceed leaseDurationSeconds"
+}]))]
 pub struct ElectionGroupSpec {
     /// Pods in this namespace that take part in the election. Required and non-empty (an empty
     /// selector would match every pod in the namespace); must not use the key `podium.dev/role`,
@@ -83,6 +93,64 @@ pub struct ElectionGroupSpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub preferred_leader: Option<String>,
+
+    /// How long a leader that turns NotReady keeps leadership before podium fails over, so a
+    /// readiness probe that flaps under load does not churn the epoch. At most
+    /// `leaseDurationSeconds`. A leader that is deleted, terminating or on a NotReady node
+    /// still fails over at once.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub failover_delay_seconds: i32,
+
+    /// Hand leadership to a pod on another, schedulable node as soon as the leader's node is
+    /// cordoned or carries one of `drainTaints`, before a drain evicts the leader. Pods on such
+    /// nodes rank last in elections.
+    #[serde(default = "default_true")]
+    pub handover_on_drain: bool,
+
+    /// Taint keys that, with effect NoSchedule or NoExecute on a pod's node, count as that node
+    /// being drained, like a cordon does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 317)))]
+    pub drain_taints: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ElectionGroupSpec {
+    /// A spec with `selector` and every other field at the default the CRD gives it.
+    pub fn selecting(selector: LabelSelector) -> Self {
+        ElectionGroupSpec {
+            selector,
+            lease_duration_seconds: DEFAULT_LEASE_DURATION_SECONDS,
+            min_ready_seconds: 0,
+            paused: false,
+            preferred_leader: None,
+            failover_delay_seconds: 0,
+            handover_on_drain: true,
+            drain_taints: Vec::new(),
+        }
+    }
+}
+
+/// A switchover asked for with `podium switchover`, as the `podium.dev/switchover` annotation
+/// holds it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverRequest {
+    /// Unique per request; the operator carries out each id once.
+    pub id: String,
+    /// The pod to hand over to; without it, the best other eligible pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The leader when the request was made: once it no longer leads, an untargeted request
+    /// is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The requester's clock when it asked.
+    pub requested_at: Time,
 }
 
 fn default_lease_duration_seconds() -> i32 {
@@ -127,6 +195,74 @@ pub struct ElectionGroupStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// The last change of leader: who, why, at which epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<LeaderTransition>,
+    /// The outcome of the last switchover request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_switchover: Option<SwitchoverOutcome>,
+}
+
+/// One change of leader as the status records it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderTransition {
+    /// The pod that led before; absent when nobody did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub from: Option<String>,
+    /// The pod that leads now; absent when nobody does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub to: Option<String>,
+    /// Why (`PodDeleted`, `PodNotReady`, `NodeDraining`, `Switchover`, ...).
+    #[schemars(length(max = 64))]
+    pub reason: String,
+    /// The epoch the change started.
+    #[schemars(range(min = 0))]
+    pub epoch: i32,
+    /// When the operator made the change.
+    pub at: Time,
+    /// From the event that cost the old leader its lead to the new leader's label, as the
+    /// operator measured it; absent when that is unknown (no new leader, or it was labelled by
+    /// a later reconcile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub duration_millis: Option<i64>,
+}
+
+/// What became of a switchover request.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverOutcome {
+    /// The request's id.
+    #[schemars(length(max = 128))]
+    pub id: String,
+    /// `Succeeded` or `Refused`.
+    #[schemars(length(max = 16))]
+    pub result: String,
+    /// Why, for a refusal; what happened otherwise.
+    #[schemars(length(max = 1024))]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub to: Option<String>,
+    /// The epoch after the switchover.
+    #[schemars(range(min = 0))]
+    pub epoch: i32,
+    /// The requester's time of asking.
+    pub requested_at: Time,
+    /// When the operator carried it out or refused it.
+    pub completed_at: Time,
+}
+
+/// Results a [`SwitchoverOutcome`] can have.
+pub mod switchover_results {
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const REFUSED: &str = "Refused";
 }
 
 /// A LabelSelector schema with the bounds Kubernetes enforces on label keys and values, plus

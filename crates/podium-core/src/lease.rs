@@ -145,13 +145,7 @@ mod tests {
     fn group() -> ElectionGroup {
         let mut g = ElectionGroup::new(
             "web",
-            ElectionGroupSpec {
-                selector: LabelSelector::default(),
-                lease_duration_seconds: 15,
-                min_ready_seconds: 0,
-                paused: false,
-                preferred_leader: None,
-            },
+            ElectionGroupSpec::selecting(LabelSelector::default()),
         );
         g.metadata.namespace = Some("ns".into());
         g.metadata.uid = Some("g-uid".into());

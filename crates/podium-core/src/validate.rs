@@ -3,8 +3,8 @@
 //! must answer them with a condition, never a panic.
 
 use crate::crd::{
-    ElectionGroupSpec, MAX_LEASE_DURATION_SECONDS, MAX_MIN_READY_SECONDS, MAX_NAME_LENGTH,
-    MIN_LEASE_DURATION_SECONDS, ROLE_LABEL,
+    ElectionGroupSpec, MAX_DRAIN_TAINTS, MAX_LEASE_DURATION_SECONDS, MAX_MIN_READY_SECONDS,
+    MAX_NAME_LENGTH, MIN_LEASE_DURATION_SECONDS, ROLE_LABEL,
 };
 use crate::selector;
 
@@ -66,6 +66,27 @@ pub fn validate(spec: &ElectionGroupSpec) -> Result<(), Vec<String>> {
             spec.min_ready_seconds
         ));
     }
+    if spec.failover_delay_seconds < 0
+        || spec.failover_delay_seconds > spec.lease_duration_seconds.max(0)
+    {
+        problems.push(format!(
+            "spec.failoverDelaySeconds is {}; it must be between 0 and leaseDurationSeconds ({})",
+            spec.failover_delay_seconds, spec.lease_duration_seconds
+        ));
+    }
+    if spec.drain_taints.len() > MAX_DRAIN_TAINTS {
+        problems.push(format!(
+            "spec.drainTaints has {} keys; at most {MAX_DRAIN_TAINTS} are allowed",
+            spec.drain_taints.len()
+        ));
+    }
+    if spec
+        .drain_taints
+        .iter()
+        .any(|k| k.is_empty() || k.len() > 317)
+    {
+        problems.push("spec.drainTaints: every taint key must be 1 to 317 characters".to_string());
+    }
     if let Some(name) = &spec.preferred_leader
         && !is_dns_subdomain(name)
     {
@@ -96,16 +117,10 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
     fn spec() -> ElectionGroupSpec {
-        ElectionGroupSpec {
-            selector: LabelSelector {
-                match_labels: Some([("app".to_string(), "web".to_string())].into()),
-                ..Default::default()
-            },
-            lease_duration_seconds: 15,
-            min_ready_seconds: 0,
-            paused: false,
-            preferred_leader: None,
-        }
+        ElectionGroupSpec::selecting(LabelSelector {
+            match_labels: Some([("app".to_string(), "web".to_string())].into()),
+            ..Default::default()
+        })
     }
 
     fn problems(spec: ElectionGroupSpec) -> String {

@@ -274,14 +274,12 @@ fn group_object(g: &GroupObj) -> ElectionGroup {
     let mut group = ElectionGroup::new(
         GROUP,
         ElectionGroupSpec {
-            selector: LabelSelector {
+            lease_duration_seconds: TTL,
+            preferred_leader: g.preferred.map(pod_name),
+            ..ElectionGroupSpec::selecting(LabelSelector {
                 match_labels: Some([(APP.to_string(), GROUP.to_string())].into()),
                 ..Default::default()
-            },
-            lease_duration_seconds: TTL,
-            min_ready_seconds: 0,
-            paused: false,
-            preferred_leader: g.preferred.map(pod_name),
+            })
         },
     );
     group.metadata.namespace = Some(NS.into());
@@ -487,6 +485,7 @@ fn plan(protocol: Protocol, replica: &Replica, world: &World) -> Vec<Request> {
         lease: lease::state(&group, lease.as_ref()),
         overlaps: Vec::new(),
         published_epoch: None,
+        switchover: None,
     };
     let decision = decide(&observation);
     requests(protocol, &decision, &group, lease.as_ref(), replica, world)

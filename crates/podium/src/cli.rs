@@ -31,6 +31,48 @@ pub enum Command {
     Run(RunArgs),
     /// Print the ElectionGroup CustomResourceDefinition as YAML.
     Crd,
+    /// Hand a group's leadership to another pod, once (also `kubectl podium switchover`).
+    Switchover(SwitchoverArgs),
+    /// Show groups: leader, epoch, members, the last change and conditions (also `kubectl podium status`).
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "The request is recorded in the group's podium.dev/switchover annotation; the operator \
+                  carries it out once and records the outcome in status.lastSwitchover. Refused when \
+                  the target is not an eligible member, the group is paused, or spec.preferredLeader \
+                  would take leadership back."
+)]
+pub struct SwitchoverArgs {
+    /// The group: NAMESPACE/GROUP, or GROUP in the namespace of --namespace or the kubeconfig.
+    pub group: String,
+
+    /// The pod to hand over to [default: the best other eligible pod].
+    #[arg(long)]
+    pub to: Option<String>,
+
+    /// Wait for the outcome, print it, and exit non-zero if the switchover was refused.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// How long --wait waits for the operator, in seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
+
+    /// Namespace of GROUP when it has none [default: the kubeconfig's].
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// NAMESPACE/GROUP or GROUP [default: every group in every namespace, or in --namespace].
+    pub group: Option<String>,
+
+    /// Namespace of GROUP, or the only namespace to list.
+    #[arg(short, long)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -98,8 +98,8 @@ pub async fn run(
         .modify(|n: &mut Node| n.managed_fields_mut().clear())
         .reflect(node_writer)
         .touched_objects()
-        // Nodes heartbeat constantly; only readiness matters to an election.
-        .predicate_filter(node_readiness, PredicateConfig::default());
+        // Nodes heartbeat constantly; only readiness, cordons and taints matter to an election.
+        .predicate_filter(node_election_facts, PredicateConfig::default());
         (Some(nodes), Some(stream))
     } else {
         (None, None)
@@ -263,9 +263,15 @@ fn lease_identity(lease: &Lease) -> Option<u64> {
     Some(h.finish())
 }
 
-fn node_readiness(node: &Node) -> Option<u64> {
+fn node_election_facts(node: &Node) -> Option<u64> {
     let mut h = DefaultHasher::new();
     election::node_ready(node).hash(&mut h);
+    if let Some(spec) = &node.spec {
+        spec.unschedulable.hash(&mut h);
+        for taint in spec.taints.iter().flatten() {
+            (&taint.key, &taint.effect).hash(&mut h);
+        }
+    }
     Some(h.finish())
 }
 

@@ -6,8 +6,10 @@
 //! - [`lease`], [`labels`], [`status`]: the conditional writes.
 //! - [`memory`]: what the operator remembers per group between reconciles.
 //! - [`operator`], [`ha`], [`http`], [`metrics`], [`telemetry`], [`cli`]: running it.
+//! - [`ctl`]: `podium switchover` and `podium status` (also as `kubectl podium`).
 pub mod cli;
 pub mod controller;
+pub mod ctl;
 pub mod error;
 pub mod ha;
 pub mod http;

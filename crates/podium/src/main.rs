@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use podium::cli::{Cli, Command, RunArgs};
-use podium::{crd, operator, telemetry};
+use podium::{crd, ctl, operator, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -15,6 +15,8 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crd::crd_yaml());
             Ok(())
         }
+        Command::Switchover(args) => ctl::switchover::run(ctl::client().await?, &args).await,
+        Command::Status(args) => ctl::show::run(ctl::client().await?, &args).await,
         Command::Run(args) => {
             telemetry::init(args.log_format, "info,kube_runtime=warn");
             let client = kube::Client::try_default().await.map_err(|e| {

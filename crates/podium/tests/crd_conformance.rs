@@ -15,13 +15,14 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::{Client, ResourceExt};
 use podium::FIELD_MANAGER;
-use podium::crd::{ElectionGroup, ElectionGroupStatus};
+use podium::crd::{ElectionGroup, ElectionGroupStatus, LeaderTransition, SwitchoverOutcome};
 use podium_testkit::testbed::apiext::ApiextServer;
 use podium_testkit::testbed::{Testbed, find_binary};
 use serde_json::{Value, json};
 
 const CRD_NAME: &str = "electiongroups.podium.dev";
 const CEL_EMPTY: &str = "selector must not be empty: an empty selector would match every pod";
+const CEL_DELAY: &str = "failoverDelaySeconds must not exceed leaseDurationSeconds";
 const CEL_ROLE: &str = "selector must not use the key podium.dev/role: podium writes that label";
 
 /// One 1.36 server for every test of this binary, started on first use on a thread and runtime
@@ -262,6 +263,22 @@ async fn bad_specs_are_refused_with_the_cel_message() {
             ],
         ),
         (
+            "failoverDelaySeconds above the TTL",
+            json!({ "selector": ok_selector, "leaseDurationSeconds": 10, "failoverDelaySeconds": 11 }),
+            vec![CEL_DELAY],
+        ),
+        (
+            // CEL sees the defaulted TTL (15).
+            "failoverDelaySeconds above the default TTL",
+            json!({ "selector": ok_selector, "failoverDelaySeconds": 16 }),
+            vec![CEL_DELAY],
+        ),
+        (
+            "empty drain taint key",
+            json!({ "selector": ok_selector, "drainTaints": [""] }),
+            vec!["spec.drainTaints[0]", "at least 1 chars long"],
+        ),
+        (
             "bad preferredLeader",
             json!({ "selector": ok_selector, "preferredLeader": "Not_A_Pod" }),
             vec!["spec.preferredLeader", "should match"],
@@ -307,6 +324,8 @@ async fn a_valid_spec_gets_its_defaults() {
     assert_eq!(spec["leaseDurationSeconds"], json!(15), "{spec}");
     assert_eq!(spec["minReadySeconds"], json!(0), "{spec}");
     assert_eq!(spec["paused"], json!(false), "{spec}");
+    assert_eq!(spec["failoverDelaySeconds"], json!(0), "{spec}");
+    assert_eq!(spec["handoverOnDrain"], json!(true), "{spec}");
     // And the typed API reads it back.
     let typed = f.typed.get("good").await.expect("typed get");
     assert_eq!(typed.spec.lease_duration_seconds, 15);
@@ -355,8 +374,26 @@ async fn status_is_written_like_the_operator_and_shown_in_the_table() {
             reason: "Elected".into(),
             message: "db-0 leads".into(),
             observed_generation: group.metadata.generation,
-            last_transition_time: now,
+            last_transition_time: now.clone(),
         }],
+        last_transition: Some(LeaderTransition {
+            from: Some("db-1".into()),
+            to: Some("db-0".into()),
+            reason: "Switchover".into(),
+            epoch: 1,
+            at: now.clone(),
+            duration_millis: Some(41),
+        }),
+        last_switchover: Some(SwitchoverOutcome {
+            id: "1800000000000-42".into(),
+            result: "Succeeded".into(),
+            message: "handed over to pod db-0".into(),
+            from: Some("db-1".into()),
+            to: Some("db-0".into()),
+            epoch: 1,
+            requested_at: now.clone(),
+            completed_at: now,
+        }),
     };
     let written = write_status_like_the_operator(&f.typed, &group, &status)
         .await

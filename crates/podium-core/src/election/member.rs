@@ -48,6 +48,12 @@ pub struct Member {
     pub eligibility: Eligibility,
     /// When the pod last became Ready; earlier ranks higher.
     pub ready_since: Option<Timestamp>,
+    /// When a pod that is NotReady became so, if its Ready condition says: a leader keeps
+    /// leadership for `failoverDelaySeconds` from then.
+    pub not_ready_since: Option<Timestamp>,
+    /// Its node is cordoned or carries one of the group's drain taints (set by the caller,
+    /// which knows the group's spec; see [`node_draining`]).
+    pub draining: bool,
     /// `podium.dev/priority`, higher ranks higher. `None` when absent.
     pub priority: Option<i64>,
     /// The annotation's raw text when it is not an integer, so the user can be told.
@@ -78,6 +84,12 @@ pub fn member_from_pod(
         .filter(|_| is_ready)
         .and_then(|c| c.last_transition_time.as_ref())
         .map(|t| t.0);
+    // A pod on a node known to be NotReady gets no failover delay: its own NotReady may be
+    // the node's.
+    let not_ready_since = ready
+        .filter(|c| c.status == "False" && node_ready != Some(false))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0);
     let phase_running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
 
     let eligibility = if meta.deletion_timestamp.is_some() {
@@ -101,6 +113,8 @@ pub fn member_from_pod(
         resource_version: meta.resource_version.clone().unwrap_or_default(),
         eligibility,
         ready_since,
+        not_ready_since,
+        draining: false,
         priority: parsed_priority.clone().and_then(Result::ok),
         invalid_priority: match parsed_priority {
             Some(Err(_)) => raw_priority,
@@ -174,6 +188,19 @@ pub fn node_ready(node: &Node) -> Option<bool> {
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
         .map(|c| c.status == "True")
+}
+
+/// Whether a Node is being drained, for a group that hands over on `drain_taints`: cordoned
+/// (`spec.unschedulable`), or tainted NoSchedule/NoExecute with one of those keys.
+pub fn node_draining(node: &Node, drain_taints: &[String]) -> bool {
+    let Some(spec) = node.spec.as_ref() else {
+        return false;
+    };
+    spec.unschedulable == Some(true)
+        || spec.taints.iter().flatten().any(|t| {
+            matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
+                && drain_taints.iter().any(|k| *k == t.key)
+        })
 }
 
 #[cfg(test)]
@@ -259,6 +286,66 @@ mod tests {
             member_from_pod(&terminating, Some(true), Duration::ZERO, now).eligibility,
             Eligibility::Terminating
         );
+    }
+
+    #[test]
+    fn not_ready_since_is_known_only_for_the_pods_own_readiness() {
+        let p = pod("Running", Some(("False", at(7))));
+        let m = member_from_pod(&p, Some(true), Duration::ZERO, at(9));
+        assert_eq!(m.not_ready_since, Some(at(7)));
+        // On a NotReady node the pod's NotReady may be the node's: no failover delay.
+        let m = member_from_pod(&p, Some(false), Duration::ZERO, at(9));
+        assert_eq!(m.not_ready_since, None);
+        let ready = pod("Running", Some(("True", at(7))));
+        assert_eq!(
+            member_from_pod(&ready, None, Duration::ZERO, at(9)).not_ready_since,
+            None
+        );
+    }
+
+    #[test]
+    fn cordons_and_named_taints_drain_a_node() {
+        use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+        let node = |unschedulable: bool, taints: &[(&str, &str)]| Node {
+            spec: Some(NodeSpec {
+                unschedulable: Some(unschedulable),
+                taints: Some(
+                    taints
+                        .iter()
+                        .map(|(key, effect)| Taint {
+                            key: (*key).into(),
+                            effect: (*effect).into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let named = ["maintenance".to_string()];
+        assert!(node_draining(&node(true, &[]), &[]));
+        assert!(node_draining(
+            &node(false, &[("maintenance", "NoExecute")]),
+            &named
+        ));
+        assert!(node_draining(
+            &node(false, &[("maintenance", "NoSchedule")]),
+            &named
+        ));
+        assert!(!node_draining(
+            &node(false, &[("maintenance", "PreferNoSchedule")]),
+            &named
+        ));
+        assert!(!node_draining(
+            &node(false, &[("other", "NoExecute")]),
+            &named
+        ));
+        assert!(!node_draining(
+            &node(false, &[("maintenance", "NoExecute")]),
+            &[]
+        ));
+        assert!(!node_draining(&Node::default(), &named));
     }
 
     #[test]

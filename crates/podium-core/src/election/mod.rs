@@ -5,14 +5,18 @@
 
 pub mod member;
 pub mod status;
+mod switchover;
 
 use std::cmp::Reverse;
 use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::crd::{ElectionGroupSpec, ROLE_FOLLOWER, ROLE_LEADER};
-pub use member::{Eligibility, Member, keep_election_fields, member_from_pod, node_ready};
+use crate::crd::{ElectionGroupSpec, ROLE_FOLLOWER, ROLE_LEADER, SwitchoverRequest};
+pub use member::{
+    Eligibility, Member, keep_election_fields, member_from_pod, node_draining, node_ready,
+};
+pub use switchover::{SwitchoverDecision, SwitchoverResult};
 
 /// Never requeue sooner than this: it bounds the loop when a clock or a Lease is odd.
 pub const MIN_REQUEUE: Duration = Duration::from_millis(100);
@@ -64,6 +68,8 @@ pub struct Observation<'a> {
     /// The epoch the group's status last published: with the Lease deleted by hand, it keeps
     /// the epoch from restarting even when no pod carries it any more.
     pub published_epoch: Option<i32>,
+    /// A switchover request not yet carried out (one whose id the status has not recorded).
+    pub switchover: Option<&'a SwitchoverRequest>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -184,6 +190,8 @@ pub struct Decision {
     pub ineligible: Vec<(String, &'static str)>,
     /// Problems worth telling the user that do not stop the election.
     pub warnings: Vec<String>,
+    /// What became of the pending switchover request, if there was one.
+    pub switchover: Option<SwitchoverDecision>,
     pub requeue_after: Duration,
 }
 
@@ -241,6 +249,7 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                 })
             })
             .collect(),
+        switchover: None,
         requeue_after: renew_interval(spec.lease_duration_seconds),
     };
 
@@ -268,6 +277,13 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     });
 
     if spec.paused {
+        decision.switchover = obs.switchover.map(|request| {
+            SwitchoverDecision::refused(
+                request,
+                current,
+                "the group is paused (spec.paused): nobody new is elected".into(),
+            )
+        });
         decision.outcome = Outcome::Paused;
         decision.epoch = transitions;
         decision.leader = current.map(|name| Holder {
@@ -283,15 +299,40 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
         return decision;
     }
 
-    let holder_ok = holder_member.is_some_and(|m| m.eligibility.is_eligible());
+    // While some eligible pod's node is not being drained, only such pods may lead: a drain
+    // then costs a planned handover before the eviction instead of a failover after it.
+    let candidates: Vec<&Member> = if spec.handover_on_drain && eligible.iter().any(|m| !m.draining)
+    {
+        eligible.iter().copied().filter(|m| !m.draining).collect()
+    } else {
+        eligible.clone()
+    };
+    let holder_grace = holder_member.and_then(|m| failover_grace(m, spec, obs.now));
+    let holder_ok = holder_grace.is_some()
+        || holder_member.is_some_and(|m| candidates.iter().any(|c| std::ptr::eq(*c, m)));
     let preferred = spec
         .preferred_leader
         .as_deref()
-        .and_then(|p| eligible.iter().copied().find(|m| m.name == p));
-    let target: Option<&Member> = match (holder_ok, preferred) {
-        (true, Some(p)) => Some(p),
-        (true, None) => holder_member,
-        (false, _) => rank(&eligible, spec.preferred_leader.as_deref()),
+        .and_then(|p| candidates.iter().copied().find(|m| m.name == p));
+    let switch = obs.switchover.map(|request| {
+        switchover::plan(
+            request,
+            &switchover::Facts {
+                members: &obs.members,
+                candidates: &candidates,
+                holder: holder_member.filter(|_| holder_ok),
+                current,
+                preferred,
+            },
+        )
+    });
+    let switch_to = switch.as_ref().and_then(|(to, _)| *to);
+    decision.switchover = switch.map(|(_, outcome)| outcome);
+    let target: Option<&Member> = match (switch_to, holder_ok, preferred) {
+        (Some(to), _, _) => Some(to),
+        (None, true, Some(p)) => Some(p),
+        (None, true, None) => holder_member,
+        (None, false, _) => rank(&candidates, spec.preferred_leader.as_deref()),
     };
     let target_holder = target.map(|m| Holder {
         name: m.name.clone(),
@@ -335,7 +376,12 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             decision.handover = Some(Handover {
                 from: view.holder.clone(),
                 to: target.map(|m| m.name.clone()),
-                reason: loss_reason(view, holder_member, obs, preferred.is_some() && holder_ok),
+                reason: loss_reason(
+                    view,
+                    holder_member,
+                    obs,
+                    switch_to.is_some() || (preferred.is_some() && holder_ok),
+                ),
             });
         }
         Some(view) => {
@@ -390,7 +436,8 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             _ => None,
         })
         .min();
-    if let Some(remaining) = soonest_eligible {
+    // A NotReady leader within its failover delay: look again when the delay ends.
+    if let Some(remaining) = soonest_eligible.into_iter().chain(holder_grace).min() {
         decision.requeue_after = decision.requeue_after.min(remaining);
     }
     decision.requeue_after = decision.requeue_after.max(MIN_REQUEUE);
@@ -415,6 +462,18 @@ fn renewal(view: &LeaseView, ttl_seconds: i32, now: Timestamp) -> (LeaseWrite, D
     } else {
         (LeaseWrite::Keep, interval - since)
     }
+}
+
+/// How much longer a NotReady holder keeps leadership under `failoverDelaySeconds`; `None`
+/// when it gets no delay (not merely NotReady, no transition time, or the delay is over).
+fn failover_grace(holder: &Member, spec: &ElectionGroupSpec, now: Timestamp) -> Option<Duration> {
+    if spec.failover_delay_seconds <= 0 || holder.eligibility != Eligibility::NotReady {
+        return None;
+    }
+    let delay = Duration::from_secs(u64::try_from(spec.failover_delay_seconds).ok()?);
+    let not_ready_for =
+        Duration::try_from(now.duration_since(holder.not_ready_since?)).unwrap_or(Duration::ZERO);
+    delay.checked_sub(not_ready_for).filter(|d| !d.is_zero())
 }
 
 /// Who leads when the holder cannot: `preferredLeader` if eligible, then the highest
@@ -445,6 +504,9 @@ fn loss_reason(
         return "Switchover".into();
     }
     if let Some(member) = holder {
+        if member.eligibility.is_eligible() && member.draining {
+            return "NodeDraining".into();
+        }
         return member.eligibility.reason().into();
     }
     if obs.strays.iter().any(|s| s.name == name) {

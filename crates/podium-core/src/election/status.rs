@@ -5,8 +5,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::{Decision, Outcome, Overlap};
-use crate::crd::ElectionGroupStatus;
 use crate::crd::conditions::{self, reasons};
+use crate::crd::{ElectionGroupStatus, LeaderTransition, SwitchoverOutcome};
 
 /// At most this many names in a condition message; the rest are counted.
 const MAX_NAMES_IN_MESSAGE: usize = 5;
@@ -131,6 +131,30 @@ pub fn from_decision(
         eligible: Some(format!("{}/{}", decision.eligible, decision.members)),
         observed_generation: generation,
         conditions: conds,
+        last_transition: match &decision.handover {
+            Some(h) => Some(LeaderTransition {
+                from: h.from.clone(),
+                to: h.to.clone(),
+                reason: h.reason.clone(),
+                epoch: decision.epoch,
+                at: Time(now),
+                duration_millis: None,
+            }),
+            None => previous.and_then(|p| p.last_transition.clone()),
+        },
+        last_switchover: match &decision.switchover {
+            Some(s) => Some(SwitchoverOutcome {
+                id: s.request.id.clone(),
+                result: s.result.name().into(),
+                message: s.result.message().into(),
+                from: s.from.clone(),
+                to: s.to.clone(),
+                epoch: decision.epoch,
+                requested_at: s.request.requested_at.clone(),
+                completed_at: Time(now),
+            }),
+            None => previous.and_then(|p| p.last_switchover.clone()),
+        },
     }
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::crd::ROLE_LEADER;
+use crate::crd::{ROLE_LEADER, SwitchoverRequest};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use proptest::prelude::*;
 
@@ -7,14 +7,11 @@ const GROUP: &str = "web";
 
 fn spec() -> ElectionGroupSpec {
     ElectionGroupSpec {
-        selector: LabelSelector {
+        lease_duration_seconds: 10,
+        ..ElectionGroupSpec::selecting(LabelSelector {
             match_labels: Some([("app".to_string(), "web".to_string())].into()),
             ..Default::default()
-        },
-        lease_duration_seconds: 10,
-        min_ready_seconds: 0,
-        paused: false,
-        preferred_leader: None,
+        })
     }
 }
 
@@ -30,6 +27,8 @@ fn member(name: &str, ready_at: i64) -> Member {
         resource_version: format!("rv-{name}"),
         eligibility: Eligibility::Eligible,
         ready_since: Some(t(ready_at)),
+        not_ready_since: None,
+        draining: false,
         priority: None,
         invalid_priority: None,
         role: None,
@@ -72,6 +71,7 @@ fn observe<'a>(
         lease,
         overlaps: vec![],
         published_epoch: None,
+        switchover: None,
     }
 }
 
@@ -719,7 +719,7 @@ proptest! {
         s.paused = paused;
         s.preferred_leader = preferred.map(|i| format!("p{i}"));
         let strays: Vec<Member> = strays.into_iter().enumerate().map(|(i, mut m)| { m.name = format!("s{i}"); m }).collect();
-        let obs = Observation { now: t(now), group: GROUP, spec: &s, members: members.clone(), strays: strays.clone(), lease: lease_state.clone(), overlaps: vec![], published_epoch: None };
+        let obs = Observation { now: t(now), group: GROUP, spec: &s, members: members.clone(), strays: strays.clone(), lease: lease_state.clone(), overlaps: vec![], published_epoch: None, switchover: None };
         let d = decide(&obs);
         let before = match &lease_state { LeaseState::Owned(v) => v.transitions, _ => 0 };
 
@@ -802,4 +802,270 @@ fn a_lease_deleted_with_its_leader_pod_continues_from_the_published_epoch() {
     // A pod that carries a higher epoch than the status still wins.
     obs.members = vec![labelled(member("b", 0), "follower", Some(9))];
     assert_eq!(decide(&obs).epoch, 10);
+}
+
+// Day-2 operations: failover delay, drains, switchovers.
+
+fn not_ready(mut m: Member, since: i64) -> Member {
+    m.eligibility = Eligibility::NotReady;
+    m.ready_since = None;
+    m.not_ready_since = Some(t(since));
+    m
+}
+
+fn draining(mut m: Member) -> Member {
+    m.draining = true;
+    m
+}
+
+fn request(id: &str, to: Option<&str>, from: Option<&str>) -> SwitchoverRequest {
+    SwitchoverRequest {
+        id: id.into(),
+        to: to.map(String::from),
+        from: from.map(String::from),
+        requested_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(0)),
+    }
+}
+
+fn two_pods_led_by_a() -> Vec<Member> {
+    vec![
+        labelled(member("a", 0), ROLE_LEADER, Some(4)),
+        labelled(member("b", 3), ROLE_FOLLOWER, None),
+        labelled(member("c", 2), ROLE_FOLLOWER, None),
+    ]
+}
+
+#[test]
+fn failover_delay_keeps_a_not_ready_leader_until_the_delay_runs_out() {
+    let s = ElectionGroupSpec {
+        failover_delay_seconds: 5,
+        ..spec()
+    };
+    let mut members = two_pods_led_by_a();
+    members[0] = not_ready(members[0].clone(), 100);
+    // 3 s into the delay: no transition, no epoch change, a look again when it ends.
+    let d = decide(&observe(&s, members.clone(), lease(Some("a"), 4, 100), 103));
+    assert_eq!(d.leader, holder("a"));
+    assert_eq!((d.epoch, d.handover.as_ref()), (4, None));
+    assert!(!matches!(d.lease, LeaseWrite::Transfer { .. }));
+    assert!(d.labels.is_empty(), "{:?}", d.labels);
+    assert_eq!(d.requeue_after, Duration::from_secs(2));
+    // Past it: the usual failover.
+    let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 105));
+    assert_eq!(d.leader, holder("c"));
+    assert_eq!(d.handover.unwrap().reason, "PodNotReady");
+    // Without a delay, at once.
+    let mut members = two_pods_led_by_a();
+    members[0] = not_ready(members[0].clone(), 100);
+    let d = decide(&observe(&spec(), members, lease(Some("a"), 4, 100), 100));
+    assert_eq!(d.leader, holder("c"));
+}
+
+#[test]
+fn failover_delay_never_holds_a_terminating_deleted_or_unknown_since_leader() {
+    let s = ElectionGroupSpec {
+        failover_delay_seconds: 10,
+        ..spec()
+    };
+    let mut terminating = two_pods_led_by_a();
+    terminating[0].eligibility = Eligibility::Terminating;
+    terminating[0].not_ready_since = Some(t(100));
+    let mut node_down = two_pods_led_by_a();
+    node_down[0].eligibility = Eligibility::NodeNotReady;
+    let mut no_time = two_pods_led_by_a();
+    no_time[0] = not_ready(no_time[0].clone(), 0);
+    no_time[0].not_ready_since = None;
+    let deleted = two_pods_led_by_a()[1..].to_vec();
+    for members in [terminating, node_down, no_time, deleted] {
+        let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 101));
+        assert_eq!(d.leader, holder("c"));
+        assert_eq!(d.epoch, 5);
+    }
+}
+
+#[test]
+fn a_leader_on_a_draining_node_hands_over_to_a_pod_on_another_node() {
+    let s = spec();
+    let mut members = two_pods_led_by_a();
+    members[0] = draining(members[0].clone());
+    members[2] = draining(members[2].clone());
+    let d = decide(&observe(&s, members.clone(), lease(Some("a"), 4, 100), 101));
+    // c has been Ready longer than b, but its node drains too: it ranks last.
+    assert_eq!(d.leader, holder("b"));
+    assert_eq!(d.labels[..2], [fence("a", 4), promote("b", 5)]);
+    assert_eq!(d.handover.unwrap().reason, "NodeDraining");
+    // Switched off for the group: nothing moves.
+    let off = ElectionGroupSpec {
+        handover_on_drain: false,
+        ..spec()
+    };
+    let d = decide(&observe(&off, members, lease(Some("a"), 4, 100), 101));
+    assert_eq!((d.leader, d.epoch), (holder("a"), 4));
+}
+
+#[test]
+fn when_every_node_drains_the_leader_stays() {
+    let s = spec();
+    let members: Vec<Member> = two_pods_led_by_a().into_iter().map(draining).collect();
+    let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 101));
+    assert_eq!((d.leader, d.epoch, d.handover), (holder("a"), 4, None));
+}
+
+#[test]
+fn a_switchover_to_a_named_pod_fences_the_leader_and_records_success() {
+    let s = spec();
+    let req = request("r1", Some("b"), Some("a"));
+    let mut obs = observe(&s, two_pods_led_by_a(), lease(Some("a"), 4, 100), 101);
+    obs.switchover = Some(&req);
+    let d = decide(&obs);
+    assert_eq!(
+        d.lease,
+        LeaseWrite::Transfer {
+            holder: holder("b"),
+            transitions: 5
+        }
+    );
+    assert_eq!(d.labels, vec![fence("a", 4), promote("b", 5)]);
+    assert_eq!(d.handover.as_ref().unwrap().reason, "Switchover");
+    let outcome = d.switchover.as_ref().unwrap();
+    assert_eq!(outcome.result.name(), "Succeeded");
+    assert_eq!(
+        (outcome.from.as_deref(), outcome.to.as_deref()),
+        (Some("a"), Some("b"))
+    );
+    let status = status::from_decision(None, &d, &[], Some(1), t(101));
+    let recorded = status.last_switchover.unwrap();
+    assert_eq!((recorded.id.as_str(), recorded.epoch), ("r1", 5));
+    assert_eq!(status.last_transition.unwrap().reason, "Switchover");
+}
+
+#[test]
+fn a_switchover_finished_by_an_earlier_reconcile_is_only_recorded() {
+    let s = spec();
+    // b leads already (the status write of the reconcile that moved it failed).
+    let members = vec![
+        labelled(member("a", 0), ROLE_FOLLOWER, None),
+        labelled(member("b", 3), ROLE_LEADER, Some(5)),
+    ];
+    for req in [
+        request("r1", Some("b"), Some("a")),
+        request("r2", None, Some("a")),
+    ] {
+        let mut obs = observe(&s, members.clone(), lease(Some("b"), 5, 100), 101);
+        obs.switchover = Some(&req);
+        let d = decide(&obs);
+        assert_eq!((d.lease.clone(), d.labels.len()), (LeaseWrite::Keep, 0));
+        let outcome = d.switchover.unwrap();
+        assert_eq!(outcome.result.name(), "Succeeded", "{outcome:?}");
+        assert_eq!(outcome.to.as_deref(), Some("b"));
+    }
+}
+
+#[test]
+fn an_untargeted_switchover_picks_the_best_other_pod() {
+    let s = spec();
+    let req = request("r", None, Some("a"));
+    let mut obs = observe(&s, two_pods_led_by_a(), lease(Some("a"), 4, 100), 101);
+    obs.switchover = Some(&req);
+    let d = decide(&obs);
+    assert_eq!(d.leader, holder("c"));
+    assert_eq!(d.switchover.unwrap().to.as_deref(), Some("c"));
+}
+
+#[test]
+fn switchovers_are_refused_with_a_reason_and_change_nothing() {
+    let mut not_eligible = two_pods_led_by_a();
+    not_eligible[1] = not_ready(not_eligible[1].clone(), 50);
+    let mut on_draining_node = two_pods_led_by_a();
+    on_draining_node[1] = draining(on_draining_node[1].clone());
+    let paused = ElectionGroupSpec {
+        paused: true,
+        ..spec()
+    };
+    let prefers_c = ElectionGroupSpec {
+        preferred_leader: Some("c".into()),
+        ..spec()
+    };
+    let prefers_a = ElectionGroupSpec {
+        preferred_leader: Some("a".into()),
+        ..spec()
+    };
+    let alone = vec![labelled(member("a", 0), ROLE_LEADER, Some(4))];
+    let cases: Vec<(ElectionGroupSpec, Vec<Member>, SwitchoverRequest, &str)> = vec![
+        (
+            spec(),
+            two_pods_led_by_a(),
+            request("1", Some("zz"), Some("a")),
+            "not a member",
+        ),
+        (
+            spec(),
+            not_eligible,
+            request("2", Some("b"), Some("a")),
+            "not eligible: PodNotReady",
+        ),
+        (
+            spec(),
+            on_draining_node,
+            request("3", Some("b"), Some("a")),
+            "being drained",
+        ),
+        (
+            paused,
+            two_pods_led_by_a(),
+            request("4", Some("b"), Some("a")),
+            "paused",
+        ),
+        (
+            prefers_c,
+            two_pods_led_by_a(),
+            request("5", Some("b"), None),
+            "preferredLeader names pod c",
+        ),
+        (
+            prefers_a,
+            two_pods_led_by_a(),
+            request("6", None, Some("a")),
+            "preferredLeader names pod a",
+        ),
+        (
+            spec(),
+            alone,
+            request("7", None, Some("a")),
+            "no other member is eligible",
+        ),
+    ];
+    for (s, members, req, why) in cases {
+        let leads_now = if s.preferred_leader.as_deref() == Some("c") {
+            "c"
+        } else {
+            "a"
+        };
+        let mut obs = observe(&s, members, lease(Some("a"), 4, 100), 101);
+        obs.switchover = Some(&req);
+        let d = decide(&obs);
+        let outcome = d.switchover.as_ref().expect("an outcome");
+        assert_eq!(outcome.result.name(), "Refused", "{}: {outcome:?}", req.id);
+        assert!(
+            outcome.result.message().contains(why),
+            "{}: {:?}",
+            req.id,
+            outcome.result.message()
+        );
+        // A refusal moves nothing the rest of the spec would not have moved anyway.
+        assert_eq!(d.leader, holder(leads_now), "{}", req.id);
+    }
+    // Nobody leads: nothing to switch over from.
+    let req = request("8", None, None);
+    let s = spec();
+    let mut obs = observe(&s, vec![], lease(None, 4, 100), 101);
+    obs.switchover = Some(&req);
+    assert!(
+        decide(&obs)
+            .switchover
+            .unwrap()
+            .result
+            .message()
+            .contains("no pod leads")
+    );
 }

@@ -4,7 +4,7 @@
 //! the next reconcile converges from the Lease.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -30,7 +30,7 @@ pub async fn apply(
     decision: &Decision,
     seen_at: Instant,
     now: Timestamp,
-) -> Result<()> {
+) -> Result<Option<Duration>> {
     let name = group.name_any();
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
     let key = (namespace.clone(), name.clone());
@@ -40,6 +40,7 @@ pub async fn apply(
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut lease_written = false;
+    let mut failover_took = None;
     for step in decision.steps() {
         match step {
             Step::Lease(write) => {
@@ -57,7 +58,7 @@ pub async fn apply(
                 }
                 labels::apply(&pods, write, &name).await?;
                 if let LabelWrite::Promote { pod, epoch, .. } = write {
-                    promoted(ctx, group, &key, decision, pod, *epoch).await;
+                    failover_took = promoted(ctx, group, &key, decision, pod, *epoch).await;
                 }
             }
         }
@@ -65,7 +66,7 @@ pub async fn apply(
     if decision.leader.is_none() {
         ctx.memory.failover_ended(&key);
     }
-    Ok(())
+    Ok(failover_took)
 }
 
 /// The Lease write of a decision, conditional on the version read; remembered, logged and
@@ -118,7 +119,7 @@ async fn write_lease(
     Ok(())
 }
 
-/// A new leader is labelled: the failover is over.
+/// A new leader is labelled: the failover is over. Returns how long it took, when known.
 async fn promoted(
     ctx: &Context,
     group: &ElectionGroup,
@@ -126,9 +127,13 @@ async fn promoted(
     decision: &Decision,
     pod: &str,
     epoch: i32,
-) {
-    if let Some(started) = ctx.memory.failover_ended(key) {
-        ctx.metrics.failover(started.elapsed());
+) -> Option<Duration> {
+    let took = ctx
+        .memory
+        .failover_ended(key)
+        .map(|started| started.elapsed());
+    if let Some(took) = took {
+        ctx.metrics.failover(took);
     }
     let previous = match &decision.handover {
         Some(Handover {
@@ -146,6 +151,7 @@ async fn promoted(
         format!("pod {pod} is the leader at epoch {epoch}{previous}"),
     )
     .await;
+    took
 }
 
 /// At most this many routine label writes (followers, strays without a leader label) per

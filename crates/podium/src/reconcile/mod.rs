@@ -136,8 +136,19 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
 
     let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
     let read_lease = observe::read_lease(ctx, &lease_api, &key).await?;
-    let observed = observe::observe(group, ctx, read_lease.as_ref(), &namespace, now);
+    let switchover = observe::switchover_request(group);
+    let observed = observe::observe(
+        group,
+        &switchover,
+        ctx,
+        read_lease.as_ref(),
+        &namespace,
+        now,
+    );
     let mut decision = election::decide(&observed);
+    if let Some(Err(problem)) = &switchover {
+        decision.warnings.push(problem.clone());
+    }
     apply::defer_routine_writes(&observed, &mut decision);
 
     if !ctx.claim.borrow().is_current() {
@@ -167,7 +178,7 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
             report::forbidden(ctx, group, &observed, &decision, e, now).await;
         }
     }
-    result?;
-    report::decided(ctx, group, &observed, &decision, now).await?;
+    let failover_took = result?;
+    report::decided(ctx, group, &observed, &decision, failover_took, now).await?;
     Ok(Action::requeue(decision.requeue_after))
 }

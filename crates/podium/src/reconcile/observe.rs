@@ -13,7 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::Context;
-use crate::crd::ElectionGroup;
+use crate::crd::{ElectionGroup, SWITCHOVER_ANNOTATION, SwitchoverRequest};
 use crate::election::{self, Observation, Overlap};
 use crate::error::Result;
 use crate::memory::Key;
@@ -39,6 +39,7 @@ pub async fn read_lease(ctx: &Context, api: &Api<Lease>, key: &Key) -> Result<Op
 /// Builds the core's input from the caches.
 pub fn observe<'a>(
     group: &'a ElectionGroup,
+    switchover: &'a Option<Result<SwitchoverRequest, String>>,
     ctx: &Context,
     lease: Option<&Lease>,
     namespace: &str,
@@ -46,9 +47,16 @@ pub fn observe<'a>(
 ) -> Observation<'a> {
     let name = group.metadata.name.as_deref().unwrap_or_default();
     let min_ready = Duration::from_secs(u64::try_from(group.spec.min_ready_seconds).unwrap_or(0));
-    let node_ready = |pod: &Pod| -> Option<bool> {
-        let node = pod.spec.as_ref()?.node_name.as_ref()?;
-        election::node_ready(ctx.nodes.as_ref()?.get(&ObjectRef::new(node))?.as_ref())
+    let node = |pod: &Pod| {
+        let name = pod.spec.as_ref()?.node_name.as_ref()?;
+        ctx.nodes.as_ref()?.get(&ObjectRef::new(name))
+    };
+    let node_ready = |pod: &Pod| election::node_ready(node(pod)?.as_ref());
+    let member = |pod: &Pod| {
+        let mut member = election::member_from_pod(pod, node_ready(pod), min_ready, now);
+        member.draining =
+            node(pod).is_some_and(|n| election::node_draining(&n, &group.spec.drain_taints));
+        member
     };
     // The pod belongs to the oldest valid group selecting it; any other reports an overlap.
     let claimant = |pod: &Pod| -> Option<String> {
@@ -67,12 +75,7 @@ pub fn observe<'a>(
     let mut overlaps = Vec::new();
     for pod in &selected {
         match claimant(pod) {
-            None => members.push(election::member_from_pod(
-                pod,
-                node_ready(pod),
-                min_ready,
-                now,
-            )),
+            None => members.push(member(pod)),
             Some(other_group) => overlaps.push(Overlap {
                 pod: pod.name_any(),
                 other_group,
@@ -85,7 +88,7 @@ pub fn observe<'a>(
     let strays = index::touched_pods(&ctx.pods, &ctx.pod_index, namespace, name)
         .iter()
         .filter(|p| !member_names.contains(p.metadata.name.as_deref().unwrap_or_default()))
-        .map(|p| election::member_from_pod(p, node_ready(p), min_ready, now))
+        .map(|p| member(p))
         .collect();
     Observation {
         now,
@@ -96,7 +99,28 @@ pub fn observe<'a>(
         lease: lease::state(group, lease),
         overlaps,
         published_epoch: group.status.as_ref().and_then(|s| s.epoch),
+        switchover: switchover.as_ref().and_then(|r| r.as_ref().ok()),
     }
+}
+
+/// The group's switchover request, unless the status shows it carried out: `Err` with the
+/// reason when the annotation is not a request.
+pub fn switchover_request(group: &ElectionGroup) -> Option<Result<SwitchoverRequest, String>> {
+    let raw = group.annotations().get(SWITCHOVER_ANNOTATION)?;
+    let request = match serde_json::from_str::<SwitchoverRequest>(raw) {
+        Ok(request) => request,
+        Err(e) => {
+            return Some(Err(format!(
+                "annotation {SWITCHOVER_ANNOTATION} is not a switchover request ({e}); use `podium switchover`"
+            )));
+        }
+    };
+    let done = group
+        .status
+        .as_ref()
+        .and_then(|s| s.last_switchover.as_ref())
+        .is_some_and(|o| o.id == request.id);
+    (!done).then_some(Ok(request))
 }
 
 /// Creation time, then name: the order in which overlapping groups claim pods.

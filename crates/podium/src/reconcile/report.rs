@@ -1,6 +1,8 @@
 //! Step 4: tell the user. Status goes out by server-side apply under podium's one field
 //! manager, conditional on the resourceVersion read; Events are best effort.
 
+use std::time::Duration;
+
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::Api;
@@ -9,7 +11,7 @@ use kube::{Resource, ResourceExt};
 
 use super::Context;
 use crate::crd::{ElectionGroup, ElectionGroupStatus, ROLE_LEADER, conditions};
-use crate::election::{self, Decision, Observation};
+use crate::election::{self, Decision, Observation, SwitchoverDecision, SwitchoverResult};
 use crate::error::{Error, Result};
 use crate::status;
 
@@ -19,6 +21,7 @@ pub async fn decided(
     group: &ElectionGroup,
     observed: &Observation<'_>,
     decision: &Decision,
+    failover_took: Option<Duration>,
     now: Timestamp,
 ) -> Result<()> {
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
@@ -37,17 +40,39 @@ pub async fn decided(
         leader_labels,
     );
     let previous = group.status.as_ref();
-    let status = election::status::from_decision(
+    let mut status = election::status::from_decision(
         previous,
         decision,
         &observed.overlaps,
         group.metadata.generation,
         now,
     );
+    if let (Some(transition), Some(took), Some(_)) = (
+        status.last_transition.as_mut(),
+        failover_took,
+        &decision.handover,
+    ) {
+        transition.duration_millis = i64::try_from(took.as_millis()).ok();
+    }
     if election::status::differs(previous, &status) {
         write_status(ctx, group, &status).await?;
     }
+    if let Some(switchover) = &decision.switchover {
+        switchover_done(ctx, group, switchover).await;
+    }
     Ok(())
+}
+
+/// A switchover request was carried out or refused, and the status now says so.
+async fn switchover_done(ctx: &Context, group: &ElectionGroup, switchover: &SwitchoverDecision) {
+    let id = &switchover.request.id;
+    let (type_, reason) = match switchover.result {
+        SwitchoverResult::Succeeded { .. } => (EventType::Normal, "Switchover"),
+        SwitchoverResult::Refused { .. } => (EventType::Warning, "SwitchoverRefused"),
+    };
+    tracing::info!(group = %group.name_any(), %id, result = switchover.result.name(), message = switchover.result.message(), "switchover request handled");
+    let note = format!("switchover {id}: {}", switchover.result.message());
+    event(ctx, group, type_, reason, note).await;
 }
 
 /// Missing RBAC is a deployment problem the user must fix; say so where they look.
