@@ -198,8 +198,7 @@ pub fn node_draining(node: &Node, drain_taints: &[String]) -> bool {
     };
     spec.unschedulable == Some(true)
         || spec.taints.iter().flatten().any(|t| {
-            matches!(t.effect.as_str(), "NoSchedule" | "NoExecute")
-                && drain_taints.iter().any(|k| *k == t.key)
+            matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && drain_taints.contains(&t.key)
         })
 }
 
