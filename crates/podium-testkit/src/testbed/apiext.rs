@@ -23,8 +23,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::Client;
+use kube::api::{Api, PostParams};
+use serde_json::json;
 
 use super::process::{ManagedProcess, free_port, lost_port_race};
 use super::{
@@ -92,7 +96,8 @@ impl ApiextServer {
         let (server, port, config) = loop {
             attempt += 1;
             let port = free_port()?;
-            let args = vec![
+            let mut args = super::requestheader_flags(pki)?;
+            args.extend([
                 format!("--etcd-servers={etcd_url}"),
                 format!("--secure-port={port}"),
                 "--bind-address=127.0.0.1".to_string(),
@@ -113,7 +118,7 @@ impl ApiextServer {
                     .to_string(),
                 "--enable-priority-and-fairness=false".to_string(),
                 "--profiling=false".to_string(),
-            ];
+            ]);
             let mut config = testbed.config();
             config.cluster_url = server_url(port)
                 .parse()
@@ -181,6 +186,81 @@ impl ApiextServer {
     /// Where `etcd.log` and `apiextensions-apiserver.log` are.
     pub fn log_dir(&self) -> PathBuf {
         self.dir.join("logs")
+    }
+}
+
+/// The APIService name for podium's API group, and the Service it points to.
+pub const APISERVICE: &str = "v1alpha1.podium.dev";
+const AGGREGATED_SERVICE: &str = "podium-apiext-136";
+const AVAILABLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ApiextServer {
+    /// Registers this server with `testbed`'s kube-aggregator as the APIService for
+    /// `podium.dev/v1alpha1`, so that the testbed proxies every request for that group here,
+    /// and waits until the aggregator calls it Available.
+    ///
+    /// The testbed must not serve `podium.dev` itself (no podium CRD installed there): its CRD
+    /// autoregistration would claim the same APIService. The Service is an ExternalName one for
+    /// 127.0.0.1, which kube-aggregator resolves without endpoints (endpoints may not be
+    /// loopback addresses); TLS is not verified because the aggregator checks the certificate
+    /// against `<service>.<namespace>.svc`, a name the testbed's serving certificate lacks.
+    pub async fn aggregate_into(&self, testbed: &Testbed) -> Result<()> {
+        let client = testbed.try_client()?;
+        let services: Api<Service> = Api::namespaced(client.clone(), "default");
+        let service: Service = serde_json::from_value(json!({
+            "metadata": { "name": AGGREGATED_SERVICE },
+            "spec": {
+                "type": "ExternalName",
+                "externalName": "127.0.0.1",
+                "ports": [{ "name": "https", "port": self.port, "protocol": "TCP" }],
+            },
+        }))?;
+        services
+            .create(&PostParams::default(), &service)
+            .await
+            .context("creating the ExternalName Service for the 1.36 server")?;
+        let apiservices: Api<APIService> = Api::all(client);
+        let apiservice: APIService = serde_json::from_value(json!({
+            "metadata": { "name": APISERVICE },
+            "spec": {
+                "group": "podium.dev",
+                "version": "v1alpha1",
+                "service": { "namespace": "default", "name": AGGREGATED_SERVICE, "port": self.port },
+                "insecureSkipTLSVerify": true,
+                "groupPriorityMinimum": 1000,
+                "versionPriority": 15,
+            },
+        }))?;
+        apiservices
+            .create(&PostParams::default(), &apiservice)
+            .await
+            .context("registering the 1.36 server as an APIService")?;
+        let started = Instant::now();
+        loop {
+            let current = apiservices.get(APISERVICE).await?;
+            let available = current
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "Available"))
+                .cloned();
+            if available.as_ref().is_some_and(|c| c.status == "True") {
+                eprintln!(
+                    "podium apiext: aggregated as {APISERVICE} in {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
+            if started.elapsed() > AVAILABLE_TIMEOUT {
+                bail!(
+                    "APIService {APISERVICE} not Available after {}s: {:?} (logs: {})",
+                    AVAILABLE_TIMEOUT.as_secs(),
+                    available,
+                    self.log_dir().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

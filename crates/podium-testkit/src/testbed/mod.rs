@@ -157,6 +157,8 @@ impl Testbed {
             "system:kube-controller-manager",
             &["system:masters"],
         )?;
+        // kube-aggregator's identity towards aggregated API servers (testbed::apiext).
+        let front_proxy = pki.issue_client(FRONT_PROXY_CLIENT, FRONT_PROXY_CLIENT, &[])?;
 
         let (etcd, etcd_url) = start_etcd(&dir, &etcd_bin).await?;
 
@@ -164,7 +166,7 @@ impl Testbed {
         let (apiserver, apiserver_port, apiserver_args, config) = loop {
             attempt += 1;
             let port = free_port()?;
-            let args = apiserver_flags(&dir, &pki, &etcd_url, port)?;
+            let args = apiserver_flags(&dir, &pki, &front_proxy, &etcd_url, port)?;
             let config = client_config(&server_url(port), &pki, &admin)?;
             let log = dir.join("logs/kube-apiserver.log");
             match launch_apiserver(&apiserver_bin, &args, &log, &config).await {
@@ -672,8 +674,36 @@ async fn etcd_healthy(port: u16) -> bool {
     )
 }
 
-fn apiserver_flags(dir: &Path, pki: &Pki, etcd_url: &str, port: u16) -> Result<Vec<String>> {
+/// The user name kube-aggregator presents to aggregated API servers, which trust the identity
+/// headers of requests carrying this name's certificate.
+pub(crate) const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
+
+/// The request-header flags both kinds of API server take: kube-aggregator puts the caller's
+/// identity in these headers, and a server trusts them only on a connection whose client
+/// certificate is the testbed CA's `front-proxy-client`.
+pub(crate) fn requestheader_flags(pki: &Pki) -> Result<Vec<String>> {
     Ok(vec![
+        format!("--requestheader-client-ca-file={}", path_str(&pki.ca_cert)?),
+        format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT}"),
+        "--requestheader-username-headers=X-Remote-User".to_string(),
+        "--requestheader-group-headers=X-Remote-Group".to_string(),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".to_string(),
+    ])
+}
+
+fn apiserver_flags(
+    dir: &Path,
+    pki: &Pki,
+    front_proxy: &ClientIdentity,
+    etcd_url: &str,
+    port: u16,
+) -> Result<Vec<String>> {
+    let mut flags = requestheader_flags(pki)?;
+    flags.extend([
+        format!("--proxy-client-cert-file={}", path_str(&front_proxy.cert)?),
+        format!("--proxy-client-key-file={}", path_str(&front_proxy.key)?),
+    ]);
+    flags.extend([
         format!("--etcd-servers={etcd_url}"),
         // The insecure port defaults to 8080 in v1.20; two testbeds would collide on it.
         "--insecure-port=0".to_string(),
@@ -702,7 +732,8 @@ fn apiserver_flags(dir: &Path, pki: &Pki, etcd_url: &str, port: u16) -> Result<V
         "--authorization-mode=RBAC".to_string(),
         "--allow-privileged=true".to_string(),
         "--profiling=false".to_string(),
-    ])
+    ]);
+    Ok(flags)
 }
 
 async fn launch_apiserver(
