@@ -255,6 +255,15 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
 
     let lease = match &obs.lease {
         LeaseState::Foreign { owner } => {
+            decision.switchover = obs.switchover.map(|request| {
+                SwitchoverDecision::refused(
+                    request,
+                    None,
+                    format!(
+                        "the group's Lease is not podium's ({owner}); see the Conflict condition"
+                    ),
+                )
+            });
             decision.outcome = Outcome::LeaseConflict {
                 owner: owner.clone(),
             };

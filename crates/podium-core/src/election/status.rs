@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::{Decision, Outcome, Overlap};
+use super::{Decision, Outcome, Overlap, SwitchoverDecision};
 use crate::crd::conditions::{self, reasons};
 use crate::crd::{ElectionGroupStatus, LeaderTransition, SwitchoverOutcome};
 
@@ -143,18 +143,27 @@ pub fn from_decision(
             None => previous.and_then(|p| p.last_transition.clone()),
         },
         last_switchover: match &decision.switchover {
-            Some(s) => Some(SwitchoverOutcome {
-                id: s.request.id.clone(),
-                result: s.result.name().into(),
-                message: s.result.message().into(),
-                from: s.from.clone(),
-                to: s.to.clone(),
-                epoch: decision.epoch,
-                requested_at: s.request.requested_at.clone(),
-                completed_at: Time(now),
-            }),
+            Some(s) => Some(switchover_outcome(s, decision.epoch, now)),
             None => previous.and_then(|p| p.last_switchover.clone()),
         },
+    }
+}
+
+/// How the status records what became of a switchover request.
+pub fn switchover_outcome(
+    switchover: &SwitchoverDecision,
+    epoch: i32,
+    now: Timestamp,
+) -> SwitchoverOutcome {
+    SwitchoverOutcome {
+        id: switchover.request.id.clone(),
+        result: switchover.result.name().into(),
+        message: switchover.result.message().into(),
+        from: switchover.from.clone(),
+        to: switchover.to.clone(),
+        epoch,
+        requested_at: switchover.request.requested_at.clone(),
+        completed_at: Time(now),
     }
 }
 

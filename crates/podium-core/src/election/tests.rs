@@ -1069,3 +1069,22 @@ fn switchovers_are_refused_with_a_reason_and_change_nothing() {
             .contains("no pod leads")
     );
 }
+
+#[test]
+fn a_switchover_on_a_group_whose_lease_is_foreign_is_refused() {
+    let s = spec();
+    let req = request("f", None, Some("a"));
+    let mut obs = observe(
+        &s,
+        two_pods_led_by_a(),
+        LeaseState::Foreign {
+            owner: "someone".into(),
+        },
+        101,
+    );
+    obs.switchover = Some(&req);
+    let d = decide(&obs);
+    let outcome = d.switchover.unwrap();
+    assert_eq!(outcome.result.name(), "Refused");
+    assert!(outcome.result.message().contains("not podium's"));
+}

@@ -118,8 +118,26 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
     let group = ours.as_deref().unwrap_or(cached);
     let previous = group.status.as_ref();
 
+    let switchover = observe::switchover_request(group);
     if let Err(problems) = validate::validate(&group.spec) {
-        let status = election::status::invalid(previous, &problems, group.metadata.generation, now);
+        let mut status =
+            election::status::invalid(previous, &problems, group.metadata.generation, now);
+        // A switchover asked for meanwhile is answered, not left waiting for a valid spec.
+        let refused = match &switchover {
+            Some(Ok(request)) => Some(election::SwitchoverDecision::refused(
+                request,
+                previous.and_then(|p| p.leader.as_deref()),
+                "the group's spec is invalid (see the InvalidSpec condition); fix it first".into(),
+            )),
+            _ => None,
+        };
+        if let Some(refused) = &refused {
+            status.last_switchover = Some(election::status::switchover_outcome(
+                refused,
+                status.epoch.unwrap_or_default(),
+                now,
+            ));
+        }
         if election::status::differs(previous, &status) {
             report::event(
                 ctx,
@@ -131,12 +149,14 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
             .await;
             report::write_status(ctx, group, &status).await?;
         }
+        if let Some(refused) = &refused {
+            report::switchover_done(ctx, group, refused).await;
+        }
         return Ok(Action::await_change());
     }
 
     let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
     let read_lease = observe::read_lease(ctx, &lease_api, &key).await?;
-    let switchover = observe::switchover_request(group);
     let observed = observe::observe(
         group,
         &switchover,

@@ -64,7 +64,11 @@ pub async fn decided(
 }
 
 /// A switchover request was carried out or refused, and the status now says so.
-async fn switchover_done(ctx: &Context, group: &ElectionGroup, switchover: &SwitchoverDecision) {
+pub async fn switchover_done(
+    ctx: &Context,
+    group: &ElectionGroup,
+    switchover: &SwitchoverDecision,
+) {
     let id = &switchover.request.id;
     let (type_, reason) = match switchover.result {
         SwitchoverResult::Succeeded { .. } => (EventType::Normal, "Switchover"),
