@@ -119,6 +119,16 @@ async fn switchover_hands_over_once_refuses_with_reasons_and_shows_in_status() {
         );
         assert_eq!(f.lease_state("web").await, (Some(now_leading.clone()), 3));
     }
+    // v1.20 ignores the CEL rule that the delay stays within the TTL; the operator does not.
+    f.patch_group("web", json!({ "failoverDelaySeconds": 100 }))
+        .await;
+    let out = podium(&["switchover", &group, "--wait"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("spec is invalid"), "{}", stderr(&out));
+    let (_, _, message) = f.condition("web", "InvalidSpec").await.unwrap();
+    assert!(message.contains("failoverDelaySeconds is 100"), "{message}");
+    f.patch_group("web", json!({ "failoverDelaySeconds": 0 }))
+        .await;
     f.patch_group("web", json!({ "paused": true })).await;
     let out = podium(&["switchover", &group, "--wait"]).await;
     assert!(!out.status.success());
