@@ -5,8 +5,10 @@
 //! - [`controller`]: the watches and how their events map to groups.
 //! - [`lease`], [`labels`], [`status`]: the conditional writes.
 //! - [`memory`]: what the operator remembers per group between reconciles.
-//! - [`operator`], [`ha`], [`http`], [`metrics`], [`telemetry`], [`cli`]: running it.
+//! - [`operator`], [`ha`], [`http`], [`metrics`], [`client_metrics`], [`telemetry`], [`cli`]:
+//!   running it.
 pub mod cli;
+pub mod client_metrics;
 pub mod controller;
 pub mod error;
 pub mod ha;

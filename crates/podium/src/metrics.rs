@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::client_metrics::ClientMetrics;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabels {
     pub namespace: String,
@@ -32,6 +34,7 @@ pub struct Metrics {
     groups: Gauge,
     groups_without_leader: Gauge,
     is_operator_leader: Gauge,
+    client: ClientMetrics,
     /// Whether each known group has a leader; the two group gauges are derived from it.
     led: Mutex<HashMap<GroupLabels, bool>>,
 }
@@ -90,6 +93,7 @@ impl Metrics {
             "1 when this replica holds the operator Lease and reconciles",
             is_operator_leader.clone(),
         );
+        let client = ClientMetrics::register(registry.sub_registry_with_prefix("kube_client"));
         Metrics {
             registry,
             leader_changes,
@@ -100,8 +104,14 @@ impl Metrics {
             groups,
             groups_without_leader,
             is_operator_leader,
+            client,
             led: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The kube client's request metrics; its layer records into this registry.
+    pub fn client(&self) -> &ClientMetrics {
+        &self.client
     }
 
     pub fn leader_changed(&self, namespace: &str, group: &str) {
