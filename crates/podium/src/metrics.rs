@@ -70,6 +70,11 @@ impl Metrics {
             reconcile_seconds.clone(),
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        for kind in crate::error::Error::KINDS {
+            let _ = reconcile_errors.get_or_create(&ErrorLabels {
+                kind: (*kind).into(),
+            });
+        }
         registry.register(
             "reconcile_errors",
             "Failed reconciles by error kind",
@@ -147,6 +152,8 @@ impl Metrics {
         leader_labels: usize,
     ) {
         let key = labels(namespace, group);
+        // From 0, so that `increase()` counts a group's first leader change too.
+        let _ = self.leader_changes.get_or_create(&key);
         self.leaders
             .get_or_create(&key)
             .set(i64::try_from(leader_labels).unwrap_or(i64::MAX));
@@ -211,6 +218,8 @@ mod tests {
             "podium_leader_changes_total{namespace=\"ns\",group=\"web\"} 1",
             "podium_failover_seconds_count 1",
             "podium_reconcile_errors_total{kind=\"pod_patch\"} 1",
+            "podium_reconcile_errors_total{kind=\"lease_write\"} 0",
+            "podium_leader_changes_total{namespace=\"ns\",group=\"db\"} 0",
             "podium_groups 2",
             "podium_groups_without_leader 1",
             "podium_is_operator_leader 1",
