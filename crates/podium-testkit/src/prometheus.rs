@@ -2,7 +2,7 @@
 //! a scrape of that text yields, and the metric names a PromQL expression reads. With these a
 //! test can check that every query of the dashboard and the alert rules reads a real series.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -117,6 +117,30 @@ pub fn queried_metrics(expr: &str, prefix: &str) -> BTreeSet<String> {
     names
 }
 
+/// The samples of metric `name` (a series name: `..._total`, `..._count`) in an exposition:
+/// each one's labels and value. Label values must not contain `,` or `"`, which holds for the
+/// operator's (resource names, verbs, codes, Kubernetes names).
+pub fn samples(exposition: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    exposition
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let labels = labels
+                .split(',')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +181,18 @@ mod tests {
         for absent in ["podium_leader_changes", "podium_failover_seconds"] {
             assert!(!names.contains(absent), "{absent} in {names:?}");
         }
+    }
+
+    #[test]
+    fn samples_are_read_with_their_labels() {
+        let text = "podium_groups 2\n\
+                    podium_groups_without_leader 1\n\
+                    t_requests_total{verb=\"get\",code=\"200\"} 3\n";
+        assert_eq!(samples(text, "podium_groups"), [(BTreeMap::new(), 2.0)]);
+        let labels = BTreeMap::from([
+            ("verb".to_string(), "get".to_string()),
+            ("code".to_string(), "200".to_string()),
+        ]);
+        assert_eq!(samples(text, "t_requests_total"), [(labels, 3.0)]);
     }
 }

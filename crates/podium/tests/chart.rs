@@ -825,7 +825,7 @@ mod on_testbed {
     use kube::Client;
     use kube::api::{Api, DynamicObject, ListParams};
     use kube::core::{ApiResource, GroupVersionKind};
-    use podium_testkit::prometheus::{http_get, queried_metrics, series_names};
+    use podium_testkit::prometheus::{http_get, queried_metrics, samples, series_names};
     use podium_testkit::testbed::{Kubelet, KubeletOptions, Testbed};
 
     use super::*;
@@ -1355,11 +1355,17 @@ mod on_testbed {
 
     /// The kube client's requests, by verb and code, for the resources the operator works on.
     fn assert_client_requests_are_counted(exposition: &str) {
-        let samples = client_request_samples(exposition);
+        let samples = samples(exposition, "podium_kube_client_requests_total");
+        let label = |s: &(BTreeMap<String, String>, f64), name: &str| {
+            s.0.get(name).cloned().unwrap_or_default()
+        };
         let seen = |verb: &str, resource: &str, code: &str| {
-            samples
-                .iter()
-                .any(|s| s.0 == verb && s.1 == resource && s.2 == code && s.3 > 0.0)
+            samples.iter().any(|s| {
+                label(s, "verb") == verb
+                    && label(s, "resource") == resource
+                    && label(s, "code") == code
+                    && s.1 > 0.0
+            })
         };
         for (verb, resource, code) in [
             ("list", "pods", "200"),
@@ -1376,40 +1382,18 @@ mod on_testbed {
         }
         // The group's Lease and the operator's own are written: created or replaced.
         assert!(
-            samples.iter().any(|s| s.1 == "leases"
-                && matches!(s.0.as_str(), "create" | "update" | "patch")
-                && s.2.starts_with('2')),
+            samples.iter().any(|s| label(s, "resource") == "leases"
+                && matches!(label(s, "verb").as_str(), "create" | "update" | "patch")
+                && label(s, "code").starts_with('2')),
             "no Lease write in {samples:?}"
         );
         // Resources are lower-case words (`-` for discovery): no pod, Lease or group name.
         assert!(
-            samples
-                .iter()
-                .all(|s| s.1 == "-" || s.1.chars().all(|c| c.is_ascii_lowercase() || c == '/')),
+            samples.iter().all(|s| {
+                let resource = label(s, "resource");
+                resource == "-" || resource.chars().all(|c| c.is_ascii_lowercase() || c == '/')
+            }),
             "an object name leaked into a resource label: {samples:?}"
         );
-    }
-
-    /// (verb, resource, code, value) of each `podium_kube_client_requests_total` sample.
-    fn client_request_samples(exposition: &str) -> Vec<(String, String, String, f64)> {
-        exposition
-            .lines()
-            .filter_map(|line| line.strip_prefix("podium_kube_client_requests_total{"))
-            .filter_map(|rest| {
-                let (labels, value) = rest.split_once("} ")?;
-                let label = |name: &str| {
-                    labels.split(',').find_map(|kv| {
-                        let (k, v) = kv.split_once('=')?;
-                        (k == name).then(|| v.trim_matches('"').to_string())
-                    })
-                };
-                Some((
-                    label("verb")?,
-                    label("resource")?,
-                    label("code")?,
-                    value.trim().parse().ok()?,
-                ))
-            })
-            .collect()
     }
 }
