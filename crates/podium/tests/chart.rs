@@ -597,6 +597,11 @@ fn monitoring_objects_are_optional() {
         monitor["spec"]["endpoints"][0]["port"].as_str(),
         Some("http-metrics")
     );
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["honorLabels"].as_bool(),
+        Some(true),
+        "the group's namespace label must win over the target's"
+    );
     let rule = one(&docs, "PrometheusRule");
     let rules = rule["spec"]["groups"][0]["rules"].as_sequence().unwrap();
     let by_alert = |name: &str| {
