@@ -4,6 +4,9 @@
 //! Labels come from [`podium_core::request`], the classification the test kit's request counts
 //! use too. They never carry a namespace or an object name, so the number of series is bounded
 //! by the resources the operator's code asks for, not by the cluster's size.
+//!
+//! A request is recorded when its answer comes; one whose caller gives up first (a dropped
+//! future) is not, as it has no code to record.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -77,7 +80,7 @@ impl ClientMetrics {
     }
 
     /// A client for `config` whose every request these metrics record.
-    pub fn client(&self, config: kube::Config) -> kube::Result<Client> {
+    pub fn client_for(&self, config: kube::Config) -> kube::Result<Client> {
         Ok(ClientBuilder::try_from(config)?.with_layer(self).build())
     }
 

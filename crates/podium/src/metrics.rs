@@ -115,7 +115,7 @@ impl Metrics {
     }
 
     /// The kube client's request metrics; its layer records into this registry.
-    pub fn client(&self) -> &ClientMetrics {
+    pub fn client_requests(&self) -> &ClientMetrics {
         &self.client
     }
 

@@ -57,8 +57,8 @@ impl Operator {
     ) -> anyhow::Result<Operator> {
         let metrics = Arc::new(Metrics::new());
         let client = metrics
-            .client()
-            .client(kube_config)
+            .client_requests()
+            .client_for(kube_config)
             .context("cannot build a Kubernetes client")?;
         Self::start_with(client, config, metrics).await
     }
