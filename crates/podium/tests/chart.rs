@@ -549,6 +549,8 @@ fn values_schema_rejects_bad_values() {
         ("watchNamespace=Team_A", "watchNamespace"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("replicas=2", "replicas"),
+        ("grafanaDashboard.sidecarLabel=not a label", "sidecarLabel"),
+        ("grafanaDashboard.dashboards=x", "dashboards"),
     ] {
         let err = helm_err(&["template", RELEASE, chart, "--set", set]);
         assert!(
