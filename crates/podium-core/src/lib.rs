@@ -7,10 +7,13 @@
 //! - [`election`]: observed group, pods and Lease in; Lease, label and status writes out.
 //! - [`lease`], [`labels`]: the objects and patch bodies those writes become.
 //! - [`selector`], [`validate`]: label-selector matching and the spec rules, checked in code.
+//! - [`request`]: the verb and resource of a kube API request, for the client metrics and the
+//!   test kit's request counts.
 pub mod crd;
 pub mod election;
 pub mod labels;
 pub mod lease;
+pub mod request;
 pub mod selector;
 pub mod validate;
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use http::{Method, Request};
+use http::Request;
 use kube::client::Body;
 use serde::{Deserialize, Serialize};
 
@@ -171,67 +171,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What a request path addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub resource: String,
-    pub namespace: Option<String>,
-    pub name: Option<String>,
-}
-
-/// Parses `/api/v1/...` and `/apis/<group>/<version>/...` paths. Anything else (discovery,
-/// `/version`, `/metrics`) is resource `-` with the path as its name.
-pub fn target(path: &str) -> Target {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let rest = match segments.as_slice() {
-        ["api", _version, rest @ ..] => rest,
-        ["apis", _group, _version, rest @ ..] => rest,
-        _ => &[][..],
-    };
-    let (namespace, rest) = match rest {
-        ["namespaces", ns, more @ ..] if !more.is_empty() => (Some(ns.to_string()), more),
-        other => (None, other),
-    };
-    match rest {
-        [] => Target {
-            resource: "-".into(),
-            namespace: None,
-            name: Some(path.into()),
-        },
-        [resource] => Target {
-            resource: resource.to_string(),
-            namespace,
-            name: None,
-        },
-        [resource, name] => Target {
-            resource: resource.to_string(),
-            namespace,
-            name: Some(name.to_string()),
-        },
-        [resource, name, sub, ..] => Target {
-            resource: format!("{resource}/{sub}"),
-            namespace,
-            name: Some(name.to_string()),
-        },
-    }
-}
-
-/// The API server's verb for a request.
-pub fn verb(method: &Method, target: &Target, query: Option<&str>) -> String {
-    let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
-    match *method {
-        Method::GET if watch => "watch",
-        Method::GET if target.name.is_none() => "list",
-        Method::GET => "get",
-        Method::POST => "create",
-        Method::PUT => "update",
-        Method::PATCH => "patch",
-        Method::DELETE if target.name.is_none() => "deletecollection",
-        Method::DELETE => "delete",
-        _ => "other",
-    }
-    .to_string()
-}
+pub use podium_core::request::{Target, target, verb};
 
 /// Counts each request once it is answered.
 impl Hook for Counter {
@@ -239,7 +179,7 @@ impl Hook for Counter {
 
     fn see(&self, request: &Request<Body>) -> Self::Seen {
         let target = target(request.uri().path());
-        let verb = verb(request.method(), &target, request.uri().query());
+        let verb = verb(request.method().as_str(), &target, request.uri().query()).to_string();
         (verb, target)
     }
 
@@ -257,42 +197,6 @@ impl Hook for Counter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths_map_to_the_api_servers_verbs_and_resources() {
-        let t = target("/api/v1/namespaces/ns/pods/web-1/status");
-        assert_eq!(
-            (
-                t.resource.as_str(),
-                t.namespace.as_deref(),
-                t.name.as_deref()
-            ),
-            ("pods/status", Some("ns"), Some("web-1"))
-        );
-        assert_eq!(verb(&Method::PATCH, &t, None), "patch");
-        let t = target("/apis/coordination.k8s.io/v1/namespaces/ns/leases/web");
-        assert_eq!(t.resource, "leases");
-        assert_eq!(verb(&Method::PUT, &t, None), "update");
-        assert_eq!(verb(&Method::GET, &t, None), "get");
-        let t = target("/api/v1/pods");
-        assert_eq!(
-            (t.resource.as_str(), t.namespace.as_deref()),
-            ("pods", None)
-        );
-        assert_eq!(
-            verb(&Method::GET, &t, Some("watch=true&resourceVersion=1")),
-            "watch"
-        );
-        assert_eq!(verb(&Method::GET, &t, Some("limit=500")), "list");
-        let t = target("/api/v1/namespaces/ns");
-        assert_eq!(
-            (t.resource.as_str(), t.name.as_deref()),
-            ("namespaces", Some("ns"))
-        );
-        let t = target("/apis/events.k8s.io/v1/namespaces/ns/events");
-        assert_eq!(verb(&Method::POST, &t, None), "create");
-        assert_eq!(target("/version").resource, "-");
-    }
 
     #[test]
     fn window_counts_split_reads_and_writes() {

@@ -10,6 +10,7 @@
 //! - [`counting`]: a client layer that counts (and can log) every request.
 //! - [`intercept`]: the tower plumbing those two layers share.
 //! - [`pod`]: readiness and IP as read off a pod.
+//! - [`prometheus`]: the operator's metrics as Prometheus scrapes and queries them.
 //! - [`wait`]: polling until a condition holds.
 pub mod checker;
 pub mod counting;
@@ -18,6 +19,7 @@ pub mod fixture;
 pub mod intercept;
 pub mod observe;
 pub mod pod;
+pub mod prometheus;
 pub mod testbed;
 pub mod wait;
 

@@ -42,6 +42,19 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Every [`Error::kind`], so that the error counter can start at 0 for each: `rate()` and
+    /// `increase()` miss the first error of a series that appears only with it.
+    pub const KINDS: &[&str] = &[
+        "lease_write",
+        "lease_read",
+        "lease_delete",
+        "pod_patch",
+        "status_patch",
+        "finalizer",
+        "lease_moved",
+        "missing_key",
+    ];
+
     /// Short label for metrics and condition reasons.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -101,5 +114,52 @@ pub fn status_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(status) => Some(status.code),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_lists_every_variants_kind_once() {
+        let api = || kube::Error::LinesCodecMaxLineLengthExceeded;
+        let every = [
+            Error::LeaseWrite {
+                name: "l".into(),
+                source: api(),
+            },
+            Error::LeaseRead {
+                name: "l".into(),
+                source: api(),
+            },
+            Error::LeaseDelete {
+                name: "l".into(),
+                source: api(),
+            },
+            Error::PodPatch {
+                pod: "p".into(),
+                source: api(),
+            },
+            Error::StatusPatch(api()),
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
+            Error::LeaseMoved("l".into()),
+            Error::MissingObjectKey,
+        ];
+        for error in &every {
+            // A new variant stops this compiling until it is added to `every` (and KINDS).
+            match error {
+                Error::LeaseWrite { .. }
+                | Error::LeaseRead { .. }
+                | Error::LeaseDelete { .. }
+                | Error::PodPatch { .. }
+                | Error::StatusPatch(_)
+                | Error::Finalizer(_)
+                | Error::LeaseMoved(_)
+                | Error::MissingObjectKey => {}
+            }
+        }
+        let kinds: Vec<&str> = every.iter().map(Error::kind).collect();
+        assert_eq!(kinds, Error::KINDS);
     }
 }

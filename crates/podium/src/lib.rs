@@ -5,9 +5,11 @@
 //! - [`controller`]: the watches and how their events map to groups.
 //! - [`lease`], [`labels`], [`status`]: the conditional writes.
 //! - [`memory`]: what the operator remembers per group between reconciles.
-//! - [`operator`], [`ha`], [`http`], [`metrics`], [`telemetry`], [`cli`]: running it.
+//! - [`operator`], [`ha`], [`http`], [`metrics`], [`client_metrics`], [`telemetry`], [`cli`]:
+//!   running it.
 //! - [`ctl`]: `podium switchover` and `podium status` (also as `kubectl podium`).
 pub mod cli;
+pub mod client_metrics;
 pub mod controller;
 pub mod ctl;
 pub mod error;

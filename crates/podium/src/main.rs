@@ -19,12 +19,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Status(args) => ctl::show::run(ctl::client().await?, &args).await,
         Command::Run(args) => {
             telemetry::init(args.log_format, "info,kube_runtime=warn");
-            let client = kube::Client::try_default().await.map_err(|e| {
+            let kube_config = kube::Config::infer().await.map_err(|e| {
                 anyhow::anyhow!(
                     "cannot build a Kubernetes client from KUBECONFIG or the in-cluster config: {e}"
                 )
             })?;
-            operator::run(client, args.operator_config()).await
+            operator::run(kube_config, args.operator_config()).await
         }
     }
 }

@@ -11,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::client_metrics::ClientMetrics;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabels {
     pub namespace: String,
@@ -32,6 +34,7 @@ pub struct Metrics {
     groups: Gauge,
     groups_without_leader: Gauge,
     is_operator_leader: Gauge,
+    client: ClientMetrics,
     /// Whether each known group has a leader; the two group gauges are derived from it.
     led: Mutex<HashMap<GroupLabels, bool>>,
 }
@@ -67,6 +70,11 @@ impl Metrics {
             reconcile_seconds.clone(),
         );
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        for kind in crate::error::Error::KINDS {
+            let _ = reconcile_errors.get_or_create(&ErrorLabels {
+                kind: (*kind).into(),
+            });
+        }
         registry.register(
             "reconcile_errors",
             "Failed reconciles by error kind",
@@ -90,6 +98,7 @@ impl Metrics {
             "1 when this replica holds the operator Lease and reconciles",
             is_operator_leader.clone(),
         );
+        let client = ClientMetrics::register(registry.sub_registry_with_prefix("kube_client"));
         Metrics {
             registry,
             leader_changes,
@@ -100,8 +109,14 @@ impl Metrics {
             groups,
             groups_without_leader,
             is_operator_leader,
+            client,
             led: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The kube client's request metrics; its layer records into this registry.
+    pub fn client_requests(&self) -> &ClientMetrics {
+        &self.client
     }
 
     pub fn leader_changed(&self, namespace: &str, group: &str) {
@@ -137,6 +152,8 @@ impl Metrics {
         leader_labels: usize,
     ) {
         let key = labels(namespace, group);
+        // From 0, so that `increase()` counts a group's first leader change too.
+        let _ = self.leader_changes.get_or_create(&key);
         self.leaders
             .get_or_create(&key)
             .set(i64::try_from(leader_labels).unwrap_or(i64::MAX));
@@ -201,6 +218,8 @@ mod tests {
             "podium_leader_changes_total{namespace=\"ns\",group=\"web\"} 1",
             "podium_failover_seconds_count 1",
             "podium_reconcile_errors_total{kind=\"pod_patch\"} 1",
+            "podium_reconcile_errors_total{kind=\"lease_write\"} 0",
+            "podium_leader_changes_total{namespace=\"ns\",group=\"db\"} 0",
             "podium_groups 2",
             "podium_groups_without_leader 1",
             "podium_is_operator_leader 1",

@@ -46,7 +46,29 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(client: Client, config: OperatorConfig) -> anyhow::Result<Operator> {
+        Self::start_with(client, config, Arc::new(Metrics::new())).await
+    }
+
+    /// The operator as `podium run` starts it: its client for `kube_config` records every
+    /// request in the metrics that `/metrics` serves.
+    pub async fn connect(
+        kube_config: kube::Config,
+        config: OperatorConfig,
+    ) -> anyhow::Result<Operator> {
         let metrics = Arc::new(Metrics::new());
+        let client = metrics
+            .client_requests()
+            .client_for(kube_config)
+            .context("cannot build a Kubernetes client")?;
+        Self::start_with(client, config, metrics).await
+    }
+
+    /// [`Operator::start`] recording into `metrics`, which `client` may write to as well.
+    pub async fn start_with(
+        client: Client,
+        config: OperatorConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Operator> {
         let ready = Arc::new(AtomicBool::new(false));
         let stopping = Arc::new(AtomicBool::new(false));
         let (stop, _) = watch::channel(false);
@@ -187,8 +209,8 @@ impl Operator {
 }
 
 /// Runs until SIGTERM or Ctrl-C, or until a task fails (an error, so the process exits non-zero).
-pub async fn run(client: Client, config: OperatorConfig) -> anyhow::Result<()> {
-    let mut operator = Operator::start(client, config).await?;
+pub async fn run(kube_config: kube::Config, config: OperatorConfig) -> anyhow::Result<()> {
+    let mut operator = Operator::connect(kube_config, config).await?;
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
         failure = operator.failed() => Err(failure.context("exiting so that the pod restarts")),

@@ -549,6 +549,8 @@ fn values_schema_rejects_bad_values() {
         ("watchNamespace=Team_A", "watchNamespace"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("replicas=2", "replicas"),
+        ("grafanaDashboard.sidecarLabel=not a label", "sidecarLabel"),
+        ("grafanaDashboard.dashboards=x", "dashboards"),
     ] {
         let err = helm_err(&["template", RELEASE, chart, "--set", set]);
         assert!(
@@ -597,6 +599,11 @@ fn monitoring_objects_are_optional() {
         monitor["spec"]["endpoints"][0]["port"].as_str(),
         Some("http-metrics")
     );
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["honorLabels"].as_bool(),
+        Some(true),
+        "the group's namespace label must win over the target's"
+    );
     let rule = one(&docs, "PrometheusRule");
     let rules = rule["spec"]["groups"][0]["rules"].as_sequence().unwrap();
     let by_alert = |name: &str| {
@@ -627,6 +634,120 @@ fn monitoring_objects_are_optional() {
 
     let off = documents(&template(&[]));
     assert!(find(&off, "ServiceMonitor").is_empty() && find(&off, "PrometheusRule").is_empty());
+}
+
+/// The PromQL of the rendered dashboard (panel targets, variables) and of the PrometheusRule.
+fn monitoring_queries() -> Vec<String> {
+    let docs = documents(&template(&[
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+    ]));
+    let dashboard = dashboard_json(&docs);
+    let mut queries = Vec::new();
+    collect_queries(&dashboard, &mut queries);
+    let rule = one(&docs, "PrometheusRule");
+    for group in rule["spec"]["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            queries.push(rule["expr"].as_str().unwrap().to_string());
+        }
+    }
+    queries
+}
+
+/// The dashboard JSON of the rendered ConfigMap.
+fn dashboard_json(docs: &[Value]) -> serde_json::Value {
+    let config_map = one(docs, "ConfigMap");
+    let text = config_map["data"]["podium.json"]
+        .as_str()
+        .expect("the ConfigMap holds podium.json");
+    serde_json::from_str(text).expect("the dashboard is JSON")
+}
+
+/// Grafana keeps PromQL in a target's `expr` and a variable's `query` (a string, or an object
+/// with its own `query`) and `definition`.
+fn collect_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (key, field) in fields {
+                match (key.as_str(), field) {
+                    ("expr" | "query" | "definition", serde_json::Value::String(q)) => {
+                        out.push(q.clone())
+                    }
+                    _ => collect_queries(field, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| collect_queries(i, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn grafana_dashboard_is_optional_and_labelled_for_the_sidecar() {
+    let off = documents(&template(&[]));
+    assert!(find(&off, "ConfigMap").is_empty());
+
+    let docs = documents(&template(&[
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.annotations.grafana_folder=Podium",
+    ]));
+    let config_map = one(&docs, "ConfigMap");
+    assert_eq!(namespace_of(config_map), RELEASE_NAMESPACE);
+    assert_eq!(
+        config_map["metadata"]["labels"]["grafana_dashboard"].as_str(),
+        Some("1")
+    );
+    assert_eq!(
+        config_map["metadata"]["annotations"]["grafana_folder"].as_str(),
+        Some("Podium")
+    );
+    let dashboard = dashboard_json(&docs);
+    assert_eq!(dashboard["uid"].as_str(), Some("podium"));
+    let titles: BTreeSet<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["title"].as_str())
+        .collect();
+    for title in [
+        "Leaders per group",
+        "Groups without a leader",
+        "Leader changes per group",
+        "Failover duration",
+        "Reconcile errors",
+        "Requests by verb and code",
+        "Request latency (p99)",
+        "Operator leadership",
+    ] {
+        assert!(titles.contains(title), "no panel {title:?} in {titles:?}");
+    }
+    let mut queries = Vec::new();
+    collect_queries(&dashboard, &mut queries);
+    assert!(
+        queries
+            .iter()
+            .any(|q| q.contains("label_values(podium_leaders"))
+    );
+
+    let custom = documents(&template(&[
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.sidecarLabel=dashboards",
+        "--set",
+        "grafanaDashboard.sidecarLabelValue=podium",
+        "--set",
+        "grafanaDashboard.namespace=monitoring",
+    ]));
+    let config_map = one(&custom, "ConfigMap");
+    assert_eq!(namespace_of(config_map), "monitoring");
+    let labels = &config_map["metadata"]["labels"];
+    assert_eq!(labels["dashboards"].as_str(), Some("podium"));
+    assert!(labels["grafana_dashboard"].is_null());
 }
 
 #[test]
@@ -711,6 +832,7 @@ mod on_testbed {
     use kube::Client;
     use kube::api::{Api, DynamicObject, ListParams};
     use kube::core::{ApiResource, GroupVersionKind};
+    use podium_testkit::prometheus::{http_get, queried_metrics, samples, series_names};
     use podium_testkit::testbed::{Kubelet, KubeletOptions, Testbed};
 
     use super::*;
@@ -1060,11 +1182,12 @@ mod on_testbed {
         );
 
         // Probes and metrics as the kubelet and Prometheus would see them.
-        let (status, _) = http_get(port, "/healthz");
+        let http_get = |path| http_get(port, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let (status, _) = http_get("/healthz");
         assert_eq!(status, 200);
-        let (status, _) = http_get(port, "/readyz");
+        let (status, _) = http_get("/readyz");
         assert_eq!(status, 200);
-        let (status, metrics) = http_get(port, "/metrics");
+        let (status, metrics) = http_get("/metrics");
         assert_eq!(status, 200);
         for name in [
             "podium_groups",
@@ -1074,6 +1197,8 @@ mod on_testbed {
         ] {
             assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
         }
+        assert_dashboard_and_alerts_query_exposed_metrics(&metrics);
+        assert_client_requests_are_counted(&metrics);
 
         // What the ServiceAccount may do, as the API server's authorizer answers.
         let cluster_wide = !helm_args.iter().any(|a| a.starts_with("watchNamespace="));
@@ -1202,25 +1327,80 @@ mod on_testbed {
         std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
     }
 
-    /// A plain HTTP/1.0 GET against the operator's HTTP server: (status, body).
-    fn http_get(port: u16, path: &str) -> (u16, String) {
-        use std::io::Read;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+    /// Every metric a dashboard panel, a dashboard variable or an alert rule queries is a series
+    /// of the real operator's exposition, with its type's suffix (`_total`, `_bucket`, ...).
+    fn assert_dashboard_and_alerts_query_exposed_metrics(exposition: &str) {
+        let exposed = series_names(exposition);
+        let queries = monitoring_queries();
+        let queried: BTreeSet<String> = queries
+            .iter()
+            .flat_map(|q| queried_metrics(q, "podium_"))
+            .collect();
+        // The dashboard covers these; an extraction that found none would pass vacuously.
+        for needed in [
+            "podium_leaders",
+            "podium_groups_without_leader",
+            "podium_failover_seconds_bucket",
+            "podium_leader_changes_total",
+            "podium_reconcile_errors_total",
+            "podium_is_operator_leader",
+            "podium_kube_client_requests_total",
+            "podium_kube_client_request_duration_seconds_bucket",
+        ] {
+            assert!(
+                queried.contains(needed),
+                "no query reads {needed}: {queried:?}"
+            );
+        }
+        let missing: Vec<&String> = queried.iter().filter(|m| !exposed.contains(*m)).collect();
+        assert!(
+            missing.is_empty(),
+            "the dashboard or the PrometheusRule query metrics the operator does not expose: \
+             {missing:?}\nexposed: {exposed:?}"
+        );
+    }
+
+    /// The kube client's requests, by verb and code, for the resources the operator works on.
+    fn assert_client_requests_are_counted(exposition: &str) {
+        let samples = samples(exposition, "podium_kube_client_requests_total");
+        let label = |s: &(BTreeMap<String, String>, f64), name: &str| {
+            s.0.get(name).cloned().unwrap_or_default()
+        };
+        let seen = |verb: &str, resource: &str, code: &str| {
+            samples.iter().any(|s| {
+                label(s, "verb") == verb
+                    && label(s, "resource") == resource
+                    && label(s, "code") == code
+                    && s.1 > 0.0
+            })
+        };
+        for (verb, resource, code) in [
+            ("list", "pods", "200"),
+            ("watch", "pods", "200"),
+            ("patch", "pods", "200"),
+            ("watch", "leases", "200"),
+            ("list", "electiongroups", "200"),
+            ("watch", "electiongroups", "200"),
+        ] {
+            assert!(
+                seen(verb, resource, code),
+                "no {verb} {resource} {code} in {samples:?}"
+            );
+        }
+        // The group's Lease and the operator's own are written: created or replaced.
+        assert!(
+            samples.iter().any(|s| label(s, "resource") == "leases"
+                && matches!(label(s, "verb").as_str(), "create" | "update" | "patch")
+                && label(s, "code").starts_with('2')),
+            "no Lease write in {samples:?}"
+        );
+        // Resources are lower-case words (`-` for discovery): no pod, Lease or group name.
+        assert!(
+            samples.iter().all(|s| {
+                let resource = label(s, "resource");
+                resource == "-" || resource.chars().all(|c| c.is_ascii_lowercase() || c == '/')
+            }),
+            "an object name leaked into a resource label: {samples:?}"
+        );
     }
 }

@@ -71,6 +71,27 @@ pub async fn start_operator(
     let operator = Operator::start(client, config)
         .await
         .expect("start operator");
+    synced(operator).await
+}
+
+/// The operator as `podium run` starts it ([`Operator::connect`]: its client records every
+/// request in its metrics), on the shared testbed, watching `ns`, serving HTTP on `http_addr`.
+pub async fn start_connected_operator(ns: &str, http_addr: std::net::SocketAddr) -> Operator {
+    podium::telemetry::init(podium::telemetry::LogFormat::Text, "warn,podium=info");
+    let config = OperatorConfig {
+        http_addr: Some(http_addr),
+        watch_namespace: Some(ns.to_string()),
+        election: None,
+    };
+    let kube_config = podium_testkit::testbed::Testbed::shared().config();
+    let operator = Operator::connect(kube_config, config)
+        .await
+        .expect("start operator");
+    synced(operator).await
+}
+
+/// `operator` once its caches have synced.
+async fn synced(operator: Operator) -> Operator {
     let ready = operator.ready.clone();
     wait_for(Duration::from_secs(10), "operator caches to sync", || {
         let ready = ready.clone();
