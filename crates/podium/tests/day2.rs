@@ -267,7 +267,7 @@ async fn failover_delay_rides_out_a_flapping_probe_and_then_fails_over() {
     let flapping = Instant::now();
     for _ in 0..3 {
         set_pod_not_ready(&f.client, &f.ns, &first).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         set_pod_running_ready(&f.client, &f.ns, &first, &ip)
             .await
             .unwrap();
@@ -289,7 +289,8 @@ async fn failover_delay_rides_out_a_flapping_probe_and_then_fails_over() {
     // NotReady for good: still the leader within the delay, then a failover.
     let not_ready = Instant::now();
     set_pod_not_ready(&f.client, &f.ns, &first).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The transition time has whole seconds, so the delay ends 2 to 3 s from here.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(f.lease_state("web").await, (Some(first.clone()), 1));
     let next = f
         .wait_leader_name(Some(&first), Duration::from_secs(8))
