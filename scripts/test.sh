@@ -11,7 +11,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-step "installing dependencies (etcd, kube-apiserver, kube-controller-manager, helm, kubectl)"
+step "installing dependencies (etcd, kube-apiserver, kube-controller-manager, helm, kubectl, the real node)"
 scripts/install-deps.sh
 
 export PODIUM_BIN_DIR="${PODIUM_BIN_DIR:-${PODIUM_CACHE:-$HOME/.cache/podium}/bin}"
