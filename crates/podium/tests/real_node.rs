@@ -87,7 +87,12 @@ async fn chart_in_cluster_operator_and_service_traffic_on_a_real_node() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     wait_for(TIMEOUT, "4 Ready web pods", || async {
         let list = pods.list(&Default::default()).await.ok()?;
-        (list.iter().filter(|p| podium_testkit::pod::is_serving(p)).count() == 4).then_some(())
+        (list
+            .iter()
+            .filter(|p| podium_testkit::pod::is_serving(p))
+            .count()
+            == 4)
+            .then_some(())
     })
     .await;
     let service_ip = cluster_ip(&client, &ns).await;
@@ -114,9 +119,13 @@ async fn chart_in_cluster_operator_and_service_traffic_on_a_real_node() {
     let failing = wait_service_leader(&pods, service_ip, Some(&leader)).await;
     let failing_ip = pod_ip(&pods.get(&failing).await.expect("get the leader"));
     let failed_at = Instant::now();
-    let (status, _) = http_get(addr(&failing_ip, 8080), "/cgi-bin/fail", Duration::from_secs(2))
-        .await
-        .unwrap_or_else(|e| panic!("making {failing}'s probe fail: {e:#}"));
+    let (status, _) = http_get(
+        addr(&failing_ip, 8080),
+        "/cgi-bin/fail",
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("making {failing}'s probe fail: {e:#}"));
     assert_eq!(status, 200, "the app's /cgi-bin/fail");
     traffic.wait_other_than(&failing, failed_at).await;
     tokio::time::sleep(AFTER).await;
@@ -186,7 +195,10 @@ async fn chart_in_cluster_operator_and_service_traffic_on_a_real_node() {
             report.what
         );
     }
-    assert_eq!(before, after, "the operator rollout moved the group's Lease");
+    assert_eq!(
+        before, after,
+        "the operator rollout moved the group's Lease"
+    );
     assert!(
         checker.role_changes_since(restarted).is_empty(),
         "the operator rollout changed roles: {:?}",
@@ -213,8 +225,7 @@ async fn chart_in_cluster_operator_and_service_traffic_on_a_real_node() {
 
 fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(
-        ip.parse()
-            .unwrap_or_else(|e| panic!("pod IP {ip:?}: {e}")),
+        ip.parse().unwrap_or_else(|e| panic!("pod IP {ip:?}: {e}")),
         port,
     )
 }
@@ -320,23 +331,27 @@ async fn cluster_ip(client: &Client, ns: &str) -> std::net::IpAddr {
 /// Service; returns its name.
 async fn wait_service_leader(pods: &Api<Pod>, ip: std::net::IpAddr, not: Option<&str>) -> String {
     let selector = format!("{ROLE_LABEL}=leader");
-    wait_for(TIMEOUT, "one leader answering through the Service", || async {
-        let leaders = pods
-            .list(&kube::api::ListParams::default().labels(&selector))
-            .await
-            .ok()?;
-        let [leader] = &leaders.items[..] else {
-            return None;
-        };
-        let name = leader.name_any();
-        if Some(name.as_str()) == not {
-            return None;
-        }
-        let (_, body) = http_get(SocketAddr::new(ip, 80), "/", Duration::from_millis(500))
-            .await
-            .ok()?;
-        (body.trim() == name).then_some(name)
-    })
+    wait_for(
+        TIMEOUT,
+        "one leader answering through the Service",
+        || async {
+            let leaders = pods
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+                .ok()?;
+            let [leader] = &leaders.items[..] else {
+                return None;
+            };
+            let name = leader.name_any();
+            if Some(name.as_str()) == not {
+                return None;
+            }
+            let (_, body) = http_get(SocketAddr::new(ip, 80), "/", Duration::from_millis(500))
+                .await
+                .ok()?;
+            (body.trim() == name).then_some(name)
+        },
+    )
     .await
 }
 
@@ -374,23 +389,31 @@ impl Traffic {
     fn start(ip: std::net::IpAddr) -> Traffic {
         let answers = Arc::new(Mutex::new(Vec::new()));
         let record = answers.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let at = Instant::now();
-                let answer = match http_get(SocketAddr::new(ip, 80), "/", Duration::from_millis(500)).await {
-                    Ok((200, body)) => Some(body.trim().to_string()),
-                    _ => None,
-                };
-                record.lock().unwrap().push((at, answer));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        });
+        let task =
+            tokio::spawn(async move {
+                loop {
+                    let at = Instant::now();
+                    let answer =
+                        match http_get(SocketAddr::new(ip, 80), "/", Duration::from_millis(500))
+                            .await
+                        {
+                            Ok((200, body)) => Some(body.trim().to_string()),
+                            _ => None,
+                        };
+                    record.lock().unwrap().push((at, answer));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
         Traffic { answers, task }
     }
 
     fn since(&self, since: Instant) -> Vec<Answer> {
         let answers = self.answers.lock().unwrap();
-        answers.iter().filter(|(at, _)| *at >= since).cloned().collect()
+        answers
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .cloned()
+            .collect()
     }
 
     /// The first pod other than `old` to answer after `since`.

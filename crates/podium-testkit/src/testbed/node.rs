@@ -307,10 +307,7 @@ impl RealNode {
             ],
         )?;
         let ldd = run(Path::new("ldd"), &[&path_str(binary)?])?;
-        for library in ldd
-            .split_whitespace()
-            .filter(|word| word.starts_with('/'))
-        {
+        for library in ldd.split_whitespace().filter(|word| word.starts_with('/')) {
             let target = rootfs.join(library.trim_start_matches('/'));
             if let Some(parent) = target.parent() {
                 fs::create_dir_all(parent)?;
@@ -437,7 +434,15 @@ impl RealNode {
     pub fn diagnostics(&self) -> String {
         let mut out = String::new();
         for args in [
-            &["get", "nodes,pods", "-A", "-o", "wide", "-L", "podium.dev/role"][..],
+            &[
+                "get",
+                "nodes,pods",
+                "-A",
+                "-o",
+                "wide",
+                "-L",
+                "podium.dev/role",
+            ][..],
             &["get", "events", "-A", "--sort-by=.lastTimestamp"][..],
         ] {
             out.push_str(&format!("--- kubectl {}\n", args.join(" ")));
@@ -459,7 +464,12 @@ impl RealNode {
         let testbed = self.testbed();
         let identity = testbed.pki.issue_client(file_stem, user, groups)?;
         let path = self.dir().join(format!("{file_stem}.kubeconfig"));
-        write_kubeconfig(&path, &testbed.server_url(), &testbed.pki.ca_cert, &identity)?;
+        write_kubeconfig(
+            &path,
+            &testbed.server_url(),
+            &testbed.pki.ca_cert,
+            &identity,
+        )?;
         Ok(path)
     }
 
@@ -555,8 +565,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         fs::write(&config_path, config)?;
         let args = vec!["--config".to_string(), path_str(&config_path)?];
         let log = self.log("containerd");
-        let mut process =
-            ManagedProcess::spawn("containerd", &self.tools.containerd, &args, &log)?;
+        let mut process = ManagedProcess::spawn("containerd", &self.tools.containerd, &args, &log)?;
         let ctr = self.tools.ctr.clone();
         let socket = path_str(&self.socket())?;
         super::wait_ready(&mut process, NODE_TIMEOUT, || {
@@ -897,9 +906,14 @@ fn clean_stale(proxy: &Path) -> usize {
         }
     }
     for process in processes() {
-        if ["containerd", "containerd-shim-runc-v2", "kubelet", "kube-proxy"]
-            .iter()
-            .any(|name| process.command.contains(name))
+        if [
+            "containerd",
+            "containerd-shim-runc-v2",
+            "kubelet",
+            "kube-proxy",
+        ]
+        .iter()
+        .any(|name| process.command.contains(name))
             && let Some(dir) = process
                 .command
                 .split_whitespace()
@@ -925,9 +939,7 @@ fn clean_stale(proxy: &Path) -> usize {
 fn run_dir_of(path: &str, tmp: &Path) -> Option<PathBuf> {
     let rest = Path::new(path).strip_prefix(tmp).ok()?;
     let first = rest.components().next()?.as_os_str().to_str()?;
-    first
-        .starts_with(DIR_PREFIX)
-        .then(|| tmp.join(first))
+    first.starts_with(DIR_PREFIX).then(|| tmp.join(first))
 }
 
 fn owner_gone(dir: &Path) -> bool {
@@ -1090,8 +1102,11 @@ fn clean_iptables(proxy: &Path) {
     let any_left = || {
         ["iptables", "ip6tables"].iter().any(|tool| {
             ["filter", "nat", "mangle"].iter().any(|table| {
-                run(Path::new(tool), &["-t", table, "-S"])
-                    .is_ok_and(|rules| rules.lines().any(|l| l.contains("KUBE-") || l.contains("CNI-")))
+                run(Path::new(tool), &["-t", table, "-S"]).is_ok_and(|rules| {
+                    rules
+                        .lines()
+                        .any(|l| l.contains("KUBE-") || l.contains("CNI-"))
+                })
             })
         })
     };
