@@ -417,17 +417,7 @@ impl RealNode {
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
             pipe.write_all(input.as_bytes())?;
         }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "`{name} {}` failed ({}):\n{}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(&program, args, child.wait_with_output()?)
     }
 
     /// What a failed test wants to see: every pod, recent events, the node components' logs.
@@ -762,6 +752,11 @@ fn run(program: &Path, args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", program.display()))?;
+    stdout_of(program, args, out)
+}
+
+/// A finished program's stdout, or an error with what it printed.
+fn stdout_of(program: &Path, args: &[&str], out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         bail!(
             "`{} {}` failed ({}): {}{}",
