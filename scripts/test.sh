@@ -48,7 +48,8 @@ cargo test --locked --workspace -- --skip every_interleaving_keeps_one_leader_an
 
 step "end-to-end suite on a real local node (helm install, in-cluster operator, Service traffic; prints its figures)"
 # Needs root; fails with the reason (never skips) when the node cannot start. See the README.
-cargo test --locked -p podium --test real_node -- --nocapture
+# --workspace: the same feature set as the step above, so nothing is built again.
+cargo test --locked --workspace --test real_node -- --nocapture
 
 step "no control-plane process outlives the tests"
 # A testbed's processes carry their owner's PID in their temp dir (podium-testbed-<pid>-...).
