@@ -2,7 +2,9 @@
 # Installs what Podium's demo and tests need on a fresh Debian (bookworm) machine:
 #   etcd (apt), kube-apiserver + kube-controller-manager v1.20.2 (built from Debian's
 #   source package), helm + kubectl (from a PyPI wheel that ships them), and the Kubernetes 1.36
-#   apiextensions-apiserver (scripts/install-apiext.sh, from Debian sid's Go sources).
+#   apiextensions-apiserver (scripts/install-apiext.sh, from Debian sid's Go sources), and the
+#   real node (scripts/install-node.sh: containerd, runc, CNI plugins, umoci from apt; kubelet,
+#   kube-scheduler, kube-proxy v1.20.2 from the same source tree; the pause and app images).
 # Binaries are cached in $PODIUM_CACHE/bin (default ~/.cache/podium/bin), outside the
 # repo, so a second run takes seconds. Idempotent: every step checks before it acts.
 set -euo pipefail
@@ -102,5 +104,10 @@ fi
 #    (crates/podium/tests/crd_conformance.rs), built from Debian sid's Go sources: 4 to 7 minutes
 #    once, then cached (a warm run takes hundredths of a second). See docs/apiext-recipe.md.
 PODIUM_CACHE="$CACHE" "$(dirname "$0")/install-apiext.sh"
+
+# 5. The real node for the end-to-end suite (crates/podium/tests/real_node.rs): after step 2,
+#    whose source tree it builds kubelet, kube-scheduler and kube-proxy from (about 3.5 minutes
+#    cold, seconds when cached). See docs/real-node-recipe.md.
+PODIUM_CACHE="$CACHE" "$(dirname "$0")/install-node.sh"
 
 say "ready: binaries in $BIN (export PODIUM_BIN_DIR=$BIN to point podium at another directory)"

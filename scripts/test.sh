@@ -11,7 +11,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-step "installing dependencies (etcd, kube-apiserver, kube-controller-manager, helm, kubectl)"
+step "installing dependencies (etcd, kube-apiserver, kube-controller-manager, helm, kubectl, the real node)"
 scripts/install-deps.sh
 
 export PODIUM_BIN_DIR="${PODIUM_BIN_DIR:-${PODIUM_CACHE:-$HOME/.cache/podium}/bin}"
@@ -42,8 +42,14 @@ test "${PIPESTATUS[0]}" = 0
 
 step "cargo test (unit and property tests; integration tests on the local control plane)"
 # The kind end-to-end tests need Docker and are #[ignore]d with that reason; cargo lists them.
-# The model check ran in the step above.
-cargo test --locked --workspace -- --skip every_interleaving_keeps_one_leader_and_a_growing_epoch
+# The model check ran in the step above, the real-node suite runs in the step below.
+cargo test --locked --workspace -- --skip every_interleaving_keeps_one_leader_and_a_growing_epoch \
+  --skip chart_in_cluster_operator_and_service_traffic_on_a_real_node
+
+step "end-to-end suite on a real local node (helm install, in-cluster operator, Service traffic; prints its figures)"
+# Needs root; fails with the reason (never skips) when the node cannot start. See the README.
+# --workspace: the same feature set as the step above, so nothing is built again.
+cargo test --locked --workspace --test real_node -- --nocapture
 
 step "no control-plane process outlives the tests"
 # A testbed's processes carry their owner's PID in their temp dir (podium-testbed-<pid>-...).
@@ -64,6 +70,31 @@ done
 if [ -n "$leftovers" ]; then
   printf '%s\n' "$leftovers" | cut -c1-200
   echo "processes of a finished podium testbed are still running (listed above)" >&2
+  exit 1
+fi
+echo "none left"
+
+step "the real node left nothing behind (iptables chains, mounts, bridge, node processes)"
+# One real node per machine (docs/real-node-recipe.md), so any of these is a leftover of ours.
+leftover=0
+for tool in iptables ip6tables; do
+  command -v "$tool" >/dev/null 2>&1 || continue
+  for table in filter nat mangle raw security; do
+    chains=$("$tool" -t "$table" -S 2>/dev/null | grep -E -- '-[NAj] (KUBE|CNI)-' || true)
+    if [ -n "$chains" ]; then
+      printf '%s -t %s:\n%s\n' "$tool" "$table" "$chains" | head -20
+      leftover=1
+    fi
+  done
+done
+mounts=$(awk '$5 ~ /podium-testbed-/ {print $5}' /proc/self/mountinfo)
+if [ -n "$mounts" ]; then printf 'mounts:\n%s\n' "$mounts" | head -20; leftover=1; fi
+if [ -e /sys/class/net/podium0 ]; then echo "the node bridge podium0 still exists"; leftover=1; fi
+node_procs=$({ pgrep -af '^(/usr/bin/)?(containerd|containerd-shim-runc-v2|ctr) |/(kubelet|kube-proxy|kube-scheduler) ' || true; } \
+  | grep 'podium-testbed-' || true)
+if [ -n "$node_procs" ]; then printf 'processes:\n%s\n' "$node_procs" | cut -c1-200; leftover=1; fi
+if [ "$leftover" != 0 ]; then
+  echo "the real node left the above behind (the next run of tests/real_node.rs cleans it up)" >&2
   exit 1
 fi
 echo "none left"

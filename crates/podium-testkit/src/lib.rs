@@ -2,7 +2,8 @@
 //! compiled into the operator:
 //!
 //! - [`testbed`]: a real etcd, kube-apiserver and kube-controller-manager on loopback, and a
-//!   simulated kubelet.
+//!   simulated kubelet; or, with [`testbed::node::RealNode`], the same control plane beside a
+//!   real node (containerd, kubelet, kube-scheduler, kube-proxy) for the end-to-end suite.
 //! - [`fixture`]: a namespace, a Deployment of servers, a leader Service, a group, and waits.
 //! - [`observe`]: watches of pods, Leases and EndpointSlices, timestamped as they arrive.
 //! - [`checker`]: the safety invariants checked over the whole watch history of a test.

@@ -120,7 +120,7 @@ impl ApiextServer {
                 "--profiling=false".to_string(),
             ]);
             let mut config = testbed.config();
-            config.cluster_url = server_url(port)
+            config.cluster_url = server_url("127.0.0.1", port)
                 .parse()
                 .context("parsing the apiext server URL")?;
             match launch(&bin, &args, &log, &config).await {
@@ -139,7 +139,7 @@ impl ApiextServer {
             .context("reading the testbed's kubeconfig")?;
         fs::write(
             &kubeconfig,
-            admin.replace(&testbed.server_url(), &server_url(port)),
+            admin.replace(&testbed.server_url(), &server_url("127.0.0.1", port)),
         )
         .context("writing the apiext kubeconfig")?;
 
@@ -180,7 +180,7 @@ impl ApiextServer {
 
     /// `https://127.0.0.1:<port>`.
     pub fn server_url(&self) -> String {
-        server_url(self.port)
+        server_url("127.0.0.1", self.port)
     }
 
     /// Where `etcd.log` and `apiextensions-apiserver.log` are.

@@ -73,10 +73,11 @@ impl Pki {
             service_account_pub: PathBuf::new(),
         };
 
-        // Clients reach the apiserver as 127.0.0.1 or localhost; the in-cluster names are there
-        // so that a pod-side client configured for `kubernetes.default.svc` would also verify.
+        // Clients reach the apiserver as 127.0.0.1 or localhost, or on a real node as the
+        // bridge's 10.244.0.1; pods reach it as the `kubernetes` Service (10.96.0.1 and names).
         let sans = [
             "127.0.0.1",
+            "10.244.0.1",
             "localhost",
             "10.96.0.1",
             "kubernetes",

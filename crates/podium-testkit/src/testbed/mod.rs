@@ -19,10 +19,14 @@
 //! - `PODIUM_BIN_DIR`, `PODIUM_CACHE`: where the binaries are (see [`find_binary`]).
 //! - `PODIUM_KEEP_TESTBED`: keep the temporary directory (certificates, logs, etcd data) for
 //!   inspection instead of deleting it.
+//!
+//! [`node::RealNode`] runs the same control plane configured for a real node beside it
+//! (containerd, kubelet, kube-scheduler, kube-proxy), for the end-to-end suite.
 
 pub mod apiext;
 mod certs;
 pub mod kubelet;
+pub mod node;
 mod process;
 
 use std::fs;
@@ -105,6 +109,9 @@ pub struct Testbed {
     pki: Pki,
     config: kube::Config,
     kubeconfig: PathBuf,
+    /// The address the apiserver listens on: 127.0.0.1, or the node bridge's address for a
+    /// real node (pods must reach it).
+    host: &'static str,
     apiserver_port: u16,
     apiserver_bin: PathBuf,
     apiserver_args: Vec<String>,
@@ -123,6 +130,10 @@ impl Testbed {
     /// a private one is for tests that disrupt the control plane (e.g.
     /// [`Testbed::stop_apiserver`]) and for the demo.
     pub async fn start() -> Result<Testbed> {
+        Self::start_in(Mode::Loopback).await
+    }
+
+    async fn start_in(mode: Mode) -> Result<Testbed> {
         let started = Instant::now();
         let etcd_bin = find_binary("etcd")?;
         let apiserver_bin = find_binary("kube-apiserver")?;
@@ -160,14 +171,39 @@ impl Testbed {
         // kube-aggregator's identity towards aggregated API servers (testbed::apiext).
         let front_proxy = pki.issue_client(FRONT_PROXY_CLIENT, FRONT_PROXY_CLIENT, &[])?;
 
+        let host = mode.host();
+        let mut mode_flags = Vec::new();
+        if mode == Mode::Node {
+            // The node's pods need what a test-only control plane switches off; see
+            // docs/real-node-recipe.md, "Startup, in order", step 3.
+            fs::write(dir.join(node::MARKER), "a real node ran here\n")?;
+            let kubelet_client = pki.issue_client(
+                "apiserver-kubelet-client",
+                "kube-apiserver-kubelet-client",
+                &["system:masters"],
+            )?;
+            mode_flags = vec![
+                "--authorization-mode=Node,RBAC".to_string(),
+                "--enable-admission-plugins=NodeRestriction".to_string(),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    path_str(&kubelet_client.cert)?
+                ),
+                format!("--kubelet-client-key={}", path_str(&kubelet_client.key)?),
+                // Otherwise exec and logs look the node's name up in the machine's DNS.
+                "--kubelet-preferred-address-types=InternalIP".to_string(),
+            ];
+        }
+
         let (etcd, etcd_url) = start_etcd(&dir, &etcd_bin).await?;
 
         let mut attempt = 0;
         let (apiserver, apiserver_port, apiserver_args, config) = loop {
             attempt += 1;
             let port = free_port()?;
-            let args = apiserver_flags(&dir, &pki, &front_proxy, &etcd_url, port)?;
-            let config = client_config(&server_url(port), &pki, &admin)?;
+            let args =
+                apiserver_flags(&dir, &pki, &front_proxy, &etcd_url, host, port, &mode_flags)?;
+            let config = client_config(&server_url(host, port), &pki, &admin)?;
             let log = dir.join("logs/kube-apiserver.log");
             match launch_apiserver(&apiserver_bin, &args, &log, &config).await {
                 Ok(process) => break (process, port, args, config),
@@ -181,14 +217,14 @@ impl Testbed {
         let kubeconfig = dir.join("kubeconfig");
         write_kubeconfig(
             &kubeconfig,
-            &server_url(apiserver_port),
+            &server_url(host, apiserver_port),
             &pki.ca_cert,
             &admin,
         )?;
         let cm_kubeconfig = dir.join("controller-manager.kubeconfig");
         write_kubeconfig(
             &cm_kubeconfig,
-            &server_url(apiserver_port),
+            &server_url(host, apiserver_port),
             &pki.ca_cert,
             &controller_manager_identity,
         )?;
@@ -203,6 +239,7 @@ impl Testbed {
             pki,
             config,
             kubeconfig,
+            host,
             apiserver_port,
             apiserver_bin,
             apiserver_args,
@@ -341,9 +378,10 @@ impl Testbed {
         &self.kubeconfig
     }
 
-    /// `https://127.0.0.1:<port>`; stays the same across apiserver restarts.
+    /// `https://127.0.0.1:<port>` (on a real node `https://10.244.0.1:<port>`); stays the same
+    /// across apiserver restarts.
     pub fn server_url(&self) -> String {
-        server_url(self.apiserver_port)
+        server_url(self.host, self.apiserver_port)
     }
 
     /// The temporary directory holding certificates, kubeconfigs, logs and etcd's data.
@@ -535,8 +573,27 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn server_url(port: u16) -> String {
-    format!("https://127.0.0.1:{port}")
+/// Where a testbed's control plane listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Loopback only, no pods ever run: the tests' simulated kubelet.
+    Loopback,
+    /// A real node: the apiserver on the node bridge's address, which pods reach through the
+    /// `kubernetes` Service, with Node authorization and ServiceAccount admission.
+    Node,
+}
+
+impl Mode {
+    fn host(self) -> &'static str {
+        match self {
+            Mode::Loopback => "127.0.0.1",
+            Mode::Node => node::NODE_IP,
+        }
+    }
+}
+
+fn server_url(host: &str, port: u16) -> String {
+    format!("https://{host}:{port}")
 }
 
 fn path_str(path: &Path) -> Result<String> {
@@ -691,12 +748,15 @@ pub(crate) fn requestheader_flags(pki: &Pki) -> Result<Vec<String>> {
     ])
 }
 
+/// The apiserver's flags; `mode_flags` (a real node's) replace the loopback-only ones.
 fn apiserver_flags(
     dir: &Path,
     pki: &Pki,
     front_proxy: &ClientIdentity,
     etcd_url: &str,
+    host: &str,
     port: u16,
+    mode_flags: &[String],
 ) -> Result<Vec<String>> {
     let mut flags = requestheader_flags(pki)?;
     flags.extend([
@@ -708,8 +768,8 @@ fn apiserver_flags(
         // The insecure port defaults to 8080 in v1.20; two testbeds would collide on it.
         "--insecure-port=0".to_string(),
         format!("--secure-port={port}"),
-        "--bind-address=127.0.0.1".to_string(),
-        "--advertise-address=127.0.0.1".to_string(),
+        format!("--bind-address={host}"),
+        format!("--advertise-address={host}"),
         format!("--cert-dir={}", path_str(&dir.join("pki"))?),
         format!("--client-ca-file={}", path_str(&pki.ca_cert)?),
         format!("--tls-cert-file={}", path_str(&pki.server_cert)?),
@@ -724,15 +784,21 @@ fn apiserver_flags(
         ),
         "--service-account-issuer=https://kubernetes.default.svc".to_string(),
         "--service-cluster-ip-range=10.96.0.0/16".to_string(),
-        // The default reconciler writes the advertise address into the `kubernetes` Endpoints,
-        // and 127.0.0.1 is not a valid endpoint address.
-        "--endpoint-reconciler-type=none".to_string(),
-        // The plugin insists on a token secret for every pod; the tests' pods never run.
-        "--disable-admission-plugins=ServiceAccount".to_string(),
-        "--authorization-mode=RBAC".to_string(),
         "--allow-privileged=true".to_string(),
         "--profiling=false".to_string(),
     ]);
+    if mode_flags.is_empty() {
+        flags.extend([
+            // The default reconciler writes the advertise address into the `kubernetes`
+            // Endpoints, and 127.0.0.1 is not a valid endpoint address.
+            "--endpoint-reconciler-type=none".to_string(),
+            // The plugin insists on a token secret for every pod; the tests' pods never run.
+            "--disable-admission-plugins=ServiceAccount".to_string(),
+            "--authorization-mode=RBAC".to_string(),
+        ]);
+    } else {
+        flags.extend_from_slice(mode_flags);
+    }
     Ok(flags)
 }
 
@@ -805,6 +871,11 @@ async fn start_controller_manager(
         // bottleneck.
         "--kube-api-qps=200".to_string(),
         "--kube-api-burst=400".to_string(),
+        // Its default makes it create /usr/libexec/kubernetes/... on the host.
+        format!(
+            "--flex-volume-plugin-dir={}",
+            path_str(&dir.join("kcm-flexvolume"))?
+        ),
     ];
     let log = dir.join("logs/kube-controller-manager.log");
     let mut process = ManagedProcess::spawn("kube-controller-manager", bin, &args, &log)?;
@@ -839,7 +910,12 @@ fn remove_stale_dirs() {
             continue;
         };
         let path = entry.path();
-        if Path::new(&format!("/proc/{pid}")).exists() || path.join(KEEP_MARKER).exists() {
+        // A real node's directory may still hold mounts and its processes: only the node's
+        // own cleanup (`node::RealNode::start`) may remove it.
+        if Path::new(&format!("/proc/{pid}")).exists()
+            || path.join(KEEP_MARKER).exists()
+            || path.join(node::MARKER).exists()
+        {
             continue;
         }
         let _ = fs::remove_dir_all(&path);

@@ -27,6 +27,17 @@ pub(crate) struct ManagedProcess {
 impl ManagedProcess {
     /// Starts `program args...`, appending its stdout and stderr to `log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Self> {
+        Self::spawn_env(name, program, args, &[], log)
+    }
+
+    /// [`ManagedProcess::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Self> {
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -50,6 +61,7 @@ impl ManagedProcess {
             None => Command::new(program),
         };
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(stderr));
