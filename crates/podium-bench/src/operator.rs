@@ -245,6 +245,35 @@ impl OperatorUnderTest {
         Ok(self.query("metrics").await?.metrics.unwrap_or_default())
     }
 
+    /// Whether [`pause`](Self::pause) works: only a child process can be stopped alone.
+    pub fn can_pause(&self) -> bool {
+        matches!(self, OperatorUnderTest::Child { .. })
+    }
+
+    /// Stops the child with SIGSTOP: it keeps its caches and connections and sends nothing
+    /// until [`resume`](Self::resume), which lets another client answer the same trigger.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let OperatorUnderTest::Child { pid, .. } = self else {
+            bail!("an in-process operator cannot be paused");
+        };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .with_context(|| format!("kill {signal} {pid}"))?;
+        if !status.success() {
+            bail!("kill {signal} {pid}: {status}");
+        }
+        Ok(())
+    }
+
     /// Waits until the operator's caches have synced.
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
