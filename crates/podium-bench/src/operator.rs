@@ -22,7 +22,9 @@ use podium_testkit::counting::{Counter, Counts, RequestRecord};
 
 /// The line the child prints on stdout once it listens: this prefix and the address.
 const HELLO: &str = "podium-bench-operator listening on ";
-const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Generous: with 30,000 pods on a saturated 2-core control plane, the child's first lists
+/// took longer than 30 s.
+const CHILD_START_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What the child answers on its socket.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -165,7 +167,12 @@ impl OperatorUnderTest {
         let mut lines = BufReader::new(stdout).lines();
         let hello = tokio::time::timeout(CHILD_START_TIMEOUT, lines.next_line())
             .await
-            .map_err(|_| anyhow!("the operator child did not start within 30s"))?
+            .map_err(|_| {
+                anyhow!(
+                    "the operator child did not start within {}s",
+                    CHILD_START_TIMEOUT.as_secs()
+                )
+            })?
             .context("reading the operator child's stdout")?;
         let Some(addr) = hello.as_deref().and_then(|l| l.strip_prefix(HELLO)) else {
             bail!(

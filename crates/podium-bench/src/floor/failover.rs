@@ -138,17 +138,14 @@ async fn act(
                 old,
                 new,
                 seen,
-            } => {
-                let result = failover(&shared, (&pods, &leases, &groups), &g, &lease, &old, &new)
-                    .await
-                    .map(|acked| {
-                        handled
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(Handled { seen, acked });
-                    });
-                result
-            }
+            } => failover(&shared, (&pods, &leases, &groups), &g, &lease, &old, &new)
+                .await
+                .map(|acked| {
+                    handled
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Handled { seen, acked });
+                }),
             Action::Follow(pod) => {
                 let write = LabelWrite::Follow {
                     pod: pod.name_any(),

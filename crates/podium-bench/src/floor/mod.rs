@@ -166,12 +166,12 @@ impl Shared {
     }
 
     /// A watch callback feeding one of the world's caches and waking the floor.
-    pub fn feed<K: Resource + Clone>(
+    pub fn feed<K>(
         self: &Arc<Self>,
         cache: fn(&mut World) -> &mut Cache<K>,
     ) -> impl FnMut(Instant, Change<K>) + Send + 'static
     where
-        K: Send + 'static,
+        K: Resource + Clone + Send + 'static,
     {
         let shared = self.clone();
         move |at, change| {

@@ -21,8 +21,11 @@ pub fn times(r: Option<f64>) -> String {
     r.map_or("–".into(), |r| format!("{r:.2}×"))
 }
 
+/// Which samples of a cause's results a row shows.
+type Samples = fn(&CauseResults) -> &[Duration];
+
 /// What each "until" of the failover-floor table reads from a cause's results.
-const UNTIL: &[(&str, fn(&CauseResults) -> &[Duration])] = &[
+const UNTIL: &[(&str, Samples)] = &[
     ("new leader labelled", |r| &r.label),
     ("Service routes only to it", |r| &r.service),
 ];
@@ -202,6 +205,9 @@ pub fn scale(md: &mut String, results: &[(usize, Result<ScaleResults, String>)])
                 fl.renewals.cpu.as_secs_f64(),
                 fl.undone_in.as_secs_f64(),
             );
+            if let Some(retried) = &fl.retried {
+                let _ = writeln!(md, "- G={}, floor: {retried}", r.groups);
+            }
         }
     }
     let _ = writeln!(md);
