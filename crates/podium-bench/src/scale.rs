@@ -91,6 +91,9 @@ pub struct ScaleFloor {
     pub undone_in: Duration,
     /// Group creates the API server did not answer the first time.
     pub retried: Option<String>,
+    /// Why the floor's writes could not all be undone; the operator is then not measured, as
+    /// it would start on a different world.
+    pub undo_failed: Option<String>,
 }
 
 impl ScaleResults {
@@ -176,7 +179,16 @@ pub async fn run(
 
     // The floor first, on the same pods, and undone before the operator starts.
     match floor_phase(testbed, client, &ns, params).await {
-        Ok(floor) => results.floor = Some(floor),
+        Ok(floor) => {
+            let dirty = floor.undo_failed.clone();
+            results.floor = Some(floor);
+            if let Some(e) = dirty {
+                results.failures.push(format!(
+                    "undoing the floor failed, so the operator was not run: {e}"
+                ));
+                return Ok(results);
+            }
+        }
         Err(e) => results.failures.push(format!("floor: {e:#}")),
     }
 
@@ -481,7 +493,7 @@ async fn floor_phase(
     progress.done();
 
     let started = Instant::now();
-    undo_floor(client, ns, &leaders).await?;
+    let undone = undo_floor(client, ns, &leaders).await;
     Ok(ScaleFloor {
         elected_after: election.elected_after,
         groups_created_in: election.created_in,
@@ -490,6 +502,7 @@ async fn floor_phase(
         renewals,
         undone_in: started.elapsed(),
         retried: election.retried,
+        undo_failed: undone.err().map(|e| format!("{e:#}")),
     })
 }
 
@@ -502,12 +515,10 @@ async fn undo_floor(client: &Client, ns: &str, leaders: &PodWatch) -> Result<()>
     let groups: Api<ElectionGroup> = Api::namespaced(client.clone(), ns);
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    groups
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
+    delete_each(&groups)
         .await
         .context("deleting the floor's groups")?;
-    leases
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
+    delete_each(&leases)
         .await
         .context("deleting the floor's Leases")?;
     let labelled = pods
@@ -561,6 +572,22 @@ async fn undo_floor(client: &Client, ns: &str, leaders: &PodWatch) -> Result<()>
         },
     )
     .await?;
+    Ok(())
+}
+
+/// Deletes every object of `api`, one request each: a single deletecollection of 10,000
+/// groups outlasted the API server's 60 s request deadline.
+async fn delete_each<K>(api: &Api<K>) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let names = api.list_metadata(&ListParams::default()).await?.items;
+    let mut deletes = futures::stream::iter(names)
+        .map(|o| async move { api.delete(&o.name_any(), &DeleteParams::default()).await })
+        .buffer_unordered(CONCURRENCY);
+    while let Some(r) = deletes.next().await {
+        r?;
+    }
     Ok(())
 }
 

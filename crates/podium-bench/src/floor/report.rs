@@ -205,6 +205,9 @@ pub fn scale(md: &mut String, results: &[(usize, Result<ScaleResults, String>)])
                 fl.renewals.cpu.as_secs_f64(),
                 fl.undone_in.as_secs_f64(),
             );
+            if let Some(e) = &fl.undo_failed {
+                let _ = writeln!(md, "- G={}, floor: undoing it failed: {e}", r.groups);
+            }
             if let Some(retried) = &fl.retried {
                 let _ = writeln!(md, "- G={}, floor: {retried}", r.groups);
             }
