@@ -586,7 +586,13 @@ where
         .map(|o| async move { api.delete(&o.name_any(), &DeleteParams::default()).await })
         .buffer_unordered(CONCURRENCY);
     while let Some(r) = deletes.next().await {
-        r?;
+        match r {
+            // The garbage collector deletes Leases whose group went first.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            other => {
+                other?;
+            }
+        }
     }
     Ok(())
 }
