@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DeleteParams};
 
+use super::floor::failover::FailoverFloor;
 use super::operator::OperatorUnderTest;
 use super::{Progress, create_group, wait_group_eligible};
 use podium_core::crd::ElectionGroup;
@@ -80,6 +81,8 @@ pub struct CauseResults {
     pub label: Vec<Duration>,
     pub service: Vec<Duration>,
     pub costs: Vec<Cost>,
+    /// The floor's rounds: trigger to its last write acknowledged.
+    pub acked: Vec<Duration>,
     /// Non-2xx answers to the operator in the failover windows, by `"<verb> <resource> <code>"`.
     pub errors: BTreeMap<String, u64>,
     /// Rounds that did not complete, with why.
@@ -89,16 +92,38 @@ pub struct CauseResults {
 #[derive(Clone, Debug, Default)]
 pub struct FailoverResults {
     pub by_cause: BTreeMap<Cause, CauseResults>,
+    /// The same rounds answered by the failover floor instead of the operator.
+    pub floor: BTreeMap<Cause, CauseResults>,
+    /// Writes of the floor answered other than 2xx (a fence of a pod already gone is one).
+    pub floor_failed_writes: u64,
     /// `podium_failover_seconds` (count, sum) from the operator.
     pub operator_histogram: Option<(u64, f64)>,
     /// Time from creating the group to the first leader label.
     pub first_election: Option<Duration>,
 }
 
+/// What a round needs: the group's namespace, its pods and Service, the harness's watches.
+struct Setup {
+    client: Client,
+    ns: String,
+    pods: PodWatch,
+    slices: SliceWatch,
+    groups: Api<ElectionGroup>,
+    pod_api: Api<Pod>,
+}
+
+/// Who answers the trigger.
+enum Responder<'a> {
+    Podium(&'a OperatorUnderTest),
+    Floor(&'a FailoverFloor),
+}
+
+/// Podium's rounds with `operator`, which is then stopped, and the floor's rounds on the same
+/// group, pods and triggers.
 pub async fn run(
     testbed: &Testbed,
     client: &Client,
-    operator: &OperatorUnderTest,
+    operator: OperatorUnderTest,
     rounds: usize,
 ) -> Result<FailoverResults> {
     let ns = testbed.create_namespace("bench-failover").await?;
@@ -124,86 +149,175 @@ pub async fn run(
         .await?;
     results.first_election = Some(first.focus_leaders_since.saturating_duration_since(created));
 
-    let groups: Api<ElectionGroup> = Api::namespaced(client.clone(), &ns);
-    let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let setup = Setup {
+        client: client.clone(),
+        groups: Api::namespaced(client.clone(), &ns),
+        pod_api: Api::namespaced(client.clone(), &ns),
+        ns,
+        pods,
+        slices,
+    };
+    // The floor answers the same triggers on the same group. With the operator in a child
+    // process, the two take turns round by round (the operator stopped with SIGSTOP while the
+    // floor answers), so that both see the same background load on this shared machine; in
+    // process, the floor's rounds follow Podium's.
+    let floor = FailoverFloor::start(client, &setup.ns, APP, APP);
+    let interleave = operator.can_pause();
     for cause in [Cause::Deleted, Cause::NotReady] {
-        let mut out = CauseResults::default();
+        let mut podium = CauseResults::default();
+        let mut floored = CauseResults::default();
         let mut progress = Progress::new(format!("failover ({})", cause.describe()));
-        for round in 1..=rounds {
-            // Start every round from the same state: four Ready pods, all labelled, one leader,
-            // the Service on the leader, and an operator with nothing left to do.
-            let settled = pods
-                .wait(WAIT, "the group to settle", |s| s.focus_settled(REPLICAS))
-                .await?;
-            wait_group_eligible(&groups, APP, REPLICAS as i32, WAIT).await?;
-            let old = settled.focus_leaders[0].clone();
-            let old_ip = settled.focus[&old]
-                .ip
-                .clone()
-                .ok_or_else(|| anyhow!("leader {old} has no IP"))?;
-            slices.wait_only(&old_ip, WAIT).await?;
-            let before = operator.wait_quiet(QUIET, WAIT).await?;
-
-            let t0 = Instant::now();
-            match cause {
-                Cause::Deleted => {
-                    pod_api
-                        .delete(&old, &DeleteParams::default())
-                        .await
-                        .with_context(|| format!("deleting leader {old}"))?;
-                }
-                Cause::NotReady => {
-                    set_pod_not_ready(client, &ns, &old).await?;
-                }
+        // Round 0 is not recorded: the first trigger of a kind finds the control plane's paths
+        // for it cold, and whoever answered it first would carry that alone.
+        for round in 0..=rounds {
+            let mut warm_up = (CauseResults::default(), CauseResults::default());
+            let (podium, floored) = match round {
+                0 => (&mut warm_up.0, &mut warm_up.1),
+                _ => (&mut podium, &mut floored),
+            };
+            let podium_round = Responder::Podium(&operator);
+            let line = one_round(&setup, cause, round, &podium_round, podium).await?;
+            if interleave {
+                operator.pause()?;
+                floor.set_active(true);
+                let answered =
+                    one_round(&setup, cause, round, &Responder::Floor(&floor), floored).await;
+                floor.set_active(false);
+                operator.resume()?;
+                progress.say(format!(
+                    "{round}/{rounds}: Podium {line}; floor {}",
+                    answered?
+                ));
+            } else {
+                progress.say(format!("{round}/{rounds}: {line}"));
             }
-            let moved = pods
-                .wait(WAIT, "a new leader label", |s| {
-                    s.focus_leaders.len() == 1 && s.focus_leaders[0] != old
-                })
-                .await;
-            let moved = match moved {
-                Ok(s) => s,
-                Err(e) => {
-                    out.failures.push(format!("round {round}: {e:#}"));
-                    continue;
-                }
-            };
-            let new = moved.focus_leaders[0].clone();
-            let label = moved.focus_leaders_since.saturating_duration_since(t0);
-            let new_ip = moved.focus[&new].ip.clone().unwrap_or_default();
-            let service = match slices.wait_only(&new_ip, WAIT).await {
-                Ok(since) => since.saturating_duration_since(t0),
-                Err(e) => {
-                    out.failures.push(format!("round {round}: {e:#}"));
-                    continue;
-                }
-            };
-            out.label.push(label);
-            out.service.push(service);
+        }
+        progress.done();
+        results.by_cause.insert(cause, podium);
+        results.floor.insert(cause, floored);
+    }
+    results.operator_histogram = histogram(&operator.metrics().await.unwrap_or_default());
+    operator.stop().await;
+    if !interleave {
+        floor.set_active(true);
+        for cause in [Cause::Deleted, Cause::NotReady] {
+            let out = results.floor.entry(cause).or_default();
+            let mut progress = Progress::new(format!("failover floor ({})", cause.describe()));
+            for round in 0..=rounds {
+                let mut warm_up = CauseResults::default();
+                let out = if round == 0 { &mut warm_up } else { &mut *out };
+                let line = one_round(&setup, cause, round, &Responder::Floor(&floor), out).await?;
+                progress.say(format!("{round}/{rounds}: {line}"));
+            }
+            progress.done();
+        }
+    }
+    results.floor_failed_writes = floor.failed_writes();
+    Ok(results)
+}
+
+/// One failover answered by `responder`, its samples added to `out`; a line for the progress.
+async fn one_round(
+    setup: &Setup,
+    cause: Cause,
+    round: usize,
+    responder: &Responder<'_>,
+    out: &mut CauseResults,
+) -> Result<String> {
+    let Setup {
+        client,
+        ns,
+        pods,
+        slices,
+        groups,
+        pod_api,
+    } = setup;
+    // Start every round from the same state: four Ready pods, all labelled, one leader,
+    // the Service on the leader, and an operator (or floor) with nothing left to do.
+    let settled = pods
+        .wait(WAIT, "the group to settle", |s| s.focus_settled(REPLICAS))
+        .await?;
+    wait_group_eligible(groups, APP, REPLICAS as i32, WAIT).await?;
+    let old = settled.focus_leaders[0].clone();
+    let old_ip = settled.focus[&old]
+        .ip
+        .clone()
+        .ok_or_else(|| anyhow!("leader {old} has no IP"))?;
+    slices.wait_only(&old_ip, WAIT).await?;
+    let before = match responder {
+        Responder::Podium(operator) => Some(operator.wait_quiet(QUIET, WAIT).await?),
+        Responder::Floor(floor) => {
+            floor.wait_quiet(QUIET, WAIT).await;
+            None
+        }
+    };
+
+    let t0 = Instant::now();
+    match cause {
+        Cause::Deleted => {
+            pod_api
+                .delete(&old, &DeleteParams::default())
+                .await
+                .with_context(|| format!("deleting leader {old}"))?;
+        }
+        Cause::NotReady => {
+            set_pod_not_ready(client, ns, &old).await?;
+        }
+    }
+    let moved = pods
+        .wait(WAIT, "a new leader label", |s| {
+            s.focus_leaders.len() == 1 && s.focus_leaders[0] != old
+        })
+        .await;
+    let moved = match moved {
+        Ok(s) => s,
+        Err(e) => {
+            out.failures.push(format!("round {round}: {e:#}"));
+            return Ok(format!("failed: {e:#}"));
+        }
+    };
+    let new = moved.focus_leaders[0].clone();
+    let label = moved.focus_leaders_since.saturating_duration_since(t0);
+    let new_ip = moved.focus[&new].ip.clone().unwrap_or_default();
+    let service = match slices.wait_only(&new_ip, WAIT).await {
+        Ok(since) => since.saturating_duration_since(t0),
+        Err(e) => {
+            out.failures.push(format!("round {round}: {e:#}"));
+            return Ok(format!("failed: {e:#}"));
+        }
+    };
+    out.label.push(label);
+    out.service.push(service);
+    match (responder, before) {
+        (Responder::Podium(operator), Some(before)) => {
             operator.wait_quiet(QUIET, WAIT).await?;
             let log = operator.log_since(before.total).await?;
-            out.costs.push(cost(&log, &ns, &old, &new));
+            out.costs.push(cost(&log, ns, &old, &new));
             for r in log.iter().filter(|r| !(200..300).contains(&r.code)) {
                 *out.errors
                     .entry(format!("{} {} {}", r.verb, r.resource, r.code))
                     .or_default() += 1;
             }
-            progress.say(format!(
-                "{round}/{rounds}: label {}, Service {}",
-                super::stats::ms(label),
-                super::stats::ms(service)
-            ));
-
-            if cause == Cause::NotReady {
-                // Ready again, as after a passing probe; it rejoins as a follower.
-                set_pod_running_ready(client, &ns, &old, &old_ip).await?;
+        }
+        (Responder::Floor(floor), _) => {
+            // Its status write may still be in flight when the Service has moved.
+            floor.wait_quiet(QUIET, WAIT).await;
+            if let Some(h) = floor.handled_since(t0) {
+                out.acked.push(h.acked.saturating_duration_since(t0));
             }
         }
-        progress.done();
-        results.by_cause.insert(cause, out);
+        (Responder::Podium(_), None) => {}
     }
-    results.operator_histogram = histogram(&operator.metrics().await.unwrap_or_default());
-    Ok(results)
+
+    if cause == Cause::NotReady {
+        // Ready again, as after a passing probe; it rejoins as a follower.
+        set_pod_running_ready(client, ns, &old, &old_ip).await?;
+    }
+    Ok(format!(
+        "label {}, Service {}",
+        super::stats::ms(label),
+        super::stats::ms(service)
+    ))
 }
 
 /// Sorts one failover's requests (those the operator made in the group's namespace, watches

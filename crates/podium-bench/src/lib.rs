@@ -24,6 +24,7 @@
 //! and split by verb and resource. `--in-process-operator` runs it in the harness instead.
 
 mod failover;
+mod floor;
 mod operator;
 mod peers;
 mod procstat;
@@ -69,6 +70,11 @@ pub struct BenchArgs {
     /// Group counts for the scale runs, comma separated [default: 10,100,1000; 10 with --quick].
     #[arg(long, value_delimiter = ',')]
     pub groups: Option<Vec<usize>>,
+
+    /// Also run G=10,000 (30,000 pods) after the --groups steps: election against its floor,
+    /// steady writes, CPU and peak RSS. Takes several minutes and a few GiB of etcd.
+    #[arg(long)]
+    pub ten_thousand: bool,
 
     /// A smoke run: few rounds, G=10, and TTLs, renewal periods and windows cut to a fifth or
     /// less. Its numbers are for checking the bench, not for quoting.
@@ -158,10 +164,16 @@ impl Settings {
         Settings {
             quick,
             rounds: args.rounds.unwrap_or(if quick { 3 } else { 50 }),
-            groups: args
-                .groups
-                .clone()
-                .unwrap_or_else(|| if quick { vec![10] } else { vec![10, 100, 1000] }),
+            groups: {
+                let mut groups = args
+                    .groups
+                    .clone()
+                    .unwrap_or_else(|| if quick { vec![10] } else { vec![10, 100, 1000] });
+                if args.ten_thousand && !groups.contains(&10_000) {
+                    groups.push(10_000);
+                }
+                groups
+            },
             peer_crash_rounds: args.peer_crash_rounds.unwrap_or(if quick { 1 } else { 3 }),
             peer_graceful_rounds: args
                 .peer_graceful_rounds
@@ -277,12 +289,13 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
                 }
                 None => OperatorUnderTest::in_process(testbed.config(), None, true).await?,
             };
-            let outcome = match operator.wait_ready(Duration::from_secs(60)).await {
-                Ok(()) => failover::run(&testbed, &client, &operator, settings.rounds).await,
-                Err(e) => Err(e),
-            };
-            operator.stop().await;
-            outcome
+            match operator.wait_ready(Duration::from_secs(60)).await {
+                Ok(()) => failover::run(&testbed, &client, operator, settings.rounds).await,
+                Err(e) => {
+                    operator.stop().await;
+                    Err(e)
+                }
+            }
         }
         .await;
         report.failover = Some(result.map_err(|e| format!("{e:#}")));
@@ -561,6 +574,8 @@ mod tests {
         assert_eq!((quick.rounds, quick.groups.clone()), (3, vec![10]));
         assert!(!quick.runs(Section::Peers) && quick.runs(Section::Scale));
         assert!(Cli::try_parse_from(["bench", "--child-log"]).is_err());
+        let huge = Settings::from_args(&Cli::parse_from(["bench", "--ten-thousand"]).bench);
+        assert_eq!(huge.groups, vec![10, 100, 1000, 10_000]);
     }
 
     #[test]

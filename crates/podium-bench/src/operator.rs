@@ -22,7 +22,9 @@ use podium_testkit::counting::{Counter, Counts, RequestRecord};
 
 /// The line the child prints on stdout once it listens: this prefix and the address.
 const HELLO: &str = "podium-bench-operator listening on ";
-const CHILD_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Generous: with 30,000 pods on a saturated 2-core control plane, the child's first lists
+/// took longer than 30 s.
+const CHILD_START_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// What the child answers on its socket.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -165,7 +167,12 @@ impl OperatorUnderTest {
         let mut lines = BufReader::new(stdout).lines();
         let hello = tokio::time::timeout(CHILD_START_TIMEOUT, lines.next_line())
             .await
-            .map_err(|_| anyhow!("the operator child did not start within 30s"))?
+            .map_err(|_| {
+                anyhow!(
+                    "the operator child did not start within {}s",
+                    CHILD_START_TIMEOUT.as_secs()
+                )
+            })?
             .context("reading the operator child's stdout")?;
         let Some(addr) = hello.as_deref().and_then(|l| l.strip_prefix(HELLO)) else {
             bail!(
@@ -243,6 +250,35 @@ impl OperatorUnderTest {
 
     pub async fn metrics(&self) -> Result<String> {
         Ok(self.query("metrics").await?.metrics.unwrap_or_default())
+    }
+
+    /// Whether [`pause`](Self::pause) works: only a child process can be stopped alone.
+    pub fn can_pause(&self) -> bool {
+        matches!(self, OperatorUnderTest::Child { .. })
+    }
+
+    /// Stops the child with SIGSTOP: it keeps its caches and connections and sends nothing
+    /// until [`resume`](Self::resume), which lets another client answer the same trigger.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let OperatorUnderTest::Child { pid, .. } = self else {
+            bail!("an in-process operator cannot be paused");
+        };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .with_context(|| format!("kill {signal} {pid}"))?;
+        if !status.success() {
+            bail!("kill {signal} {pid}: {status}");
+        }
+        Ok(())
     }
 
     /// Waits until the operator's caches have synced.

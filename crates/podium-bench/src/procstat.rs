@@ -29,6 +29,20 @@ pub fn sample(pid: u32) -> Result<ProcSample> {
     })
 }
 
+/// CPU time of the calling thread so far, in nanoseconds from `schedstat` where the kernel
+/// has it: `stat` counts in clock ticks (10 ms), coarser than a short window's total.
+pub fn thread_cpu() -> Result<Duration> {
+    let nanos = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+    if let Some(nanos) = nanos {
+        return Ok(Duration::from_nanos(nanos));
+    }
+    let stat = std::fs::read_to_string("/proc/thread-self/stat")
+        .context("reading /proc/thread-self/stat")?;
+    cpu_time(&stat)
+}
+
 /// utime + stime from a `/proc/<pid>/stat` line. The command name (field 2) may contain spaces
 /// and parentheses, so fields are counted from the last `)`.
 fn cpu_time(stat: &str) -> Result<Duration> {
@@ -154,6 +168,17 @@ mod tests {
     fn reads_this_process() {
         let s = sample(std::process::id()).unwrap();
         assert!(s.peak_rss >= s.rss && s.rss > 0, "{s:?}");
+    }
+
+    #[test]
+    fn this_threads_cpu_grows() {
+        let before = thread_cpu().unwrap();
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(thread_cpu().unwrap() >= before);
     }
 
     #[test]

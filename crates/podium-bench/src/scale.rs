@@ -8,19 +8,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use super::floor::election::ElectionFloor;
+use super::floor::renewal::{self, Renewals};
 use super::operator::OperatorUnderTest;
 use super::procstat;
 use super::{Progress, Rng, create_group, wait_group_eligible};
-use podium_core::crd::ElectionGroup;
+use podium_core::crd::{
+    EPOCH_ANNOTATION, ElectionGroup, FENCE_ANNOTATION, GROUP_ANNOTATION, ROLE_LABEL, ROLE_LEADER,
+};
 use podium_testkit::counting::Counts;
 use podium_testkit::observe::PodWatch;
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{finalize_deletion, next_pod_ip};
+use podium_testkit::wait::poll;
 
 const PODS_PER_GROUP: usize = 3;
 /// Concurrent API calls while creating pods and groups.
@@ -66,6 +73,27 @@ pub struct ScaleResults {
     pub peak_rss: u64,
     pub failover: Vec<Duration>,
     pub failures: Vec<String>,
+    /// The bare clients' election and renewals of the same groups.
+    pub floor: Option<ScaleFloor>,
+}
+
+/// The election and renewal floors of one G step.
+#[derive(Clone, Debug, Default)]
+pub struct ScaleFloor {
+    /// From the first group's creation to every group having exactly one leader.
+    pub elected_after: Option<Duration>,
+    pub groups_created_in: Duration,
+    /// The election floor's writes, and those answered other than 2xx.
+    pub election_writes: u64,
+    pub failed_writes: u64,
+    pub renewals: Renewals,
+    /// Undoing the floor's writes before the operator starts.
+    pub undone_in: Duration,
+    /// Group creates the API server did not answer the first time.
+    pub retried: Option<String>,
+    /// Why the floor's writes could not all be undone; the operator is then not measured, as
+    /// it would start on a different world.
+    pub undo_failed: Option<String>,
 }
 
 impl ScaleResults {
@@ -77,6 +105,11 @@ impl ScaleResults {
     }
     pub fn cpu_seconds_per_minute(&self) -> f64 {
         self.window_cpu.as_secs_f64() * 60.0 / self.window.as_secs_f64()
+    }
+    /// Operator CPU per steady-state write (every one a renewal when podium is at its floor).
+    pub fn cpu_per_write(&self) -> Option<Duration> {
+        let writes = self.window_requests.writes();
+        (writes > 0).then(|| self.window_cpu.div_f64(writes as f64))
     }
 }
 
@@ -144,30 +177,62 @@ pub async fn run(
     ));
     progress.done();
 
+    // The floor first, on the same pods, and undone before the operator starts.
+    match floor_phase(testbed, client, &ns, params).await {
+        Ok(floor) => {
+            let dirty = floor.undo_failed.clone();
+            results.floor = Some(floor);
+            if let Some(e) = dirty {
+                results.failures.push(format!(
+                    "undoing the floor failed, so the operator was not run: {e}"
+                ));
+                return Ok(results);
+            }
+        }
+        Err(e) => results.failures.push(format!("floor: {e:#}")),
+    }
+
     // A fresh operator for this step, watching this namespace only, so that its memory and
-    // requests are this step's.
+    // requests are this step's. Where it fails, what was measured so far (the floors) stays in
+    // the report beside the failure: at 10,000 groups that is the finding.
+    if let Err(e) = with_operator(testbed, client, source, &ns, params, &mut results, rng).await {
+        results.failures.push(format!("operator: {e:#}"));
+    }
+    Ok(results)
+}
+
+async fn with_operator(
+    testbed: &Testbed,
+    client: &Client,
+    source: &OperatorSource<'_>,
+    ns: &str,
+    params: &ScaleParams,
+    results: &mut ScaleResults,
+    rng: &mut Rng,
+) -> Result<()> {
+    let g = params.groups;
     let mut operator = match source {
         OperatorSource::Child { bin, log_dir } => {
             OperatorUnderTest::spawn(
                 bin,
                 testbed.kubeconfig_path(),
-                Some(&ns),
+                Some(ns),
                 false,
                 &log_dir.join(format!("operator-scale-{g}.log")),
             )
             .await?
         }
         OperatorSource::InProcess => {
-            OperatorUnderTest::in_process(testbed.config(), Some(&ns), false).await?
+            OperatorUnderTest::in_process(testbed.config(), Some(ns), false).await?
         }
     };
-    let outcome = match operator.wait_ready(WAIT * 2).await {
-        Ok(()) => measure(testbed, client, &operator, &ns, params, &mut results, rng).await,
+    // Its first lists of 3G pods take a while on a loaded control plane.
+    let outcome = match operator.wait_ready(WAIT * 5).await {
+        Ok(()) => measure(testbed, client, &operator, ns, params, results, rng).await,
         Err(e) => Err(e),
     };
     operator.stop().await;
-    outcome?;
-    Ok(results)
+    outcome
 }
 
 async fn measure(
@@ -181,83 +246,24 @@ async fn measure(
 ) -> Result<()> {
     let g = params.groups;
     let label = format!("scale G={g}");
-    let leaders = PodWatch::start(client, ns, Some("podium.dev/role=leader"), &group_name(0));
+    let leaders = PodWatch::start(client, ns, Some(&leader_selector()), &group_name(0));
     leaders
         .wait(WAIT, "the leader watch to sync", |s| s.synced)
         .await?;
 
     let counts_start = operator.counts().await?;
     let cpu_start = operator.proc_sample()?.cpu;
-    let started = Instant::now();
-    let mut progress = Progress::new(format!("{label}: groups"));
-    let mut created = 0usize;
-    let mut stream = futures::stream::iter(0..g)
-        .map(|i| {
-            let (client, ns) = (client.clone(), ns.to_string());
-            async move {
-                let name = group_name(i);
-                create_group(&client, &ns, &name, &name, params.ttl_seconds).await
-            }
-        })
-        .buffer_unordered(CONCURRENCY);
-    while let Some(r) = stream.next().await {
-        r?;
-        created += 1;
-        progress.tick(|| {
-            let s = leaders.now();
-            format!(
-                "{created}/{g} groups created; {} have a leader",
-                s.apps_with_one_leader
-            )
-        });
-    }
-    drop(stream);
-    results.groups_created_in = started.elapsed();
-
-    // Every group with exactly one leader.
-    let deadline = WAIT.max(Duration::from_millis(150) * g as u32);
-    let mut rx_progress = Progress::new(format!("{label}: election"));
-    loop {
-        let s = leaders.now();
-        results.max_multi_leader_groups = results
-            .max_multi_leader_groups
-            .max(s.apps_with_many_leaders);
-        results.elected_groups = s.apps_with_one_leader;
-        if s.apps_with_one_leader == g && s.apps_with_many_leaders == 0 {
-            results.elected_after = Some(started.elapsed());
-            break;
-        }
-        if started.elapsed() > deadline {
-            results.failures.push(format!(
-                "only {}/{g} groups had one leader after {:.0}s",
-                s.apps_with_one_leader,
-                deadline.as_secs_f64()
-            ));
-            break;
-        }
-        rx_progress.tick(|| {
-            format!(
-                "{}/{g} groups have one leader after {:.1}s",
-                s.apps_with_one_leader,
-                started.elapsed().as_secs_f64()
-            )
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let election = elect_all(client, ns, params, &leaders, &label).await?;
+    results.groups_created_in = election.created_in;
+    results.elected_after = election.elected_after;
+    results.elected_groups = election.elected_groups;
+    results.max_multi_leader_groups = election.max_multi_leader_groups;
+    results.failures.extend(election.failure);
+    results.failures.extend(election.retried);
     results.election_cpu = operator.proc_sample()?.cpu.saturating_sub(cpu_start);
     results.election_requests = operator.counts().await?.since(&counts_start);
-    rx_progress.say(match results.elected_after {
-        Some(t) => format!(
-            "all {g} groups elected {:.2}s after the first was created",
-            t.as_secs_f64()
-        ),
-        None => format!("{}/{g} groups elected", results.elected_groups),
-    });
-    rx_progress.done();
-
     // Steady state: let the election's status writes drain and the first renewals pass.
-    let settle = Duration::from_millis(u64::try_from(params.ttl_seconds).unwrap_or(15) * 500)
-        + Duration::from_secs(2);
+    let settle = settle(params);
     let mut progress = Progress::new(format!("{label}: steady state"));
     progress.say(format!(
         "settling {:.1}s, then measuring {:.0}s",
@@ -310,6 +316,284 @@ async fn measure(
     let end = operator.proc_sample()?;
     results.rss_end = end.rss;
     results.peak_rss = end.peak_rss;
+    Ok(())
+}
+
+/// How long after the election the steady window starts: the election's status writes drain
+/// and the first renewals pass.
+fn settle(params: &ScaleParams) -> Duration {
+    Duration::from_millis(u64::try_from(params.ttl_seconds).unwrap_or(15) * 500)
+        + Duration::from_secs(2)
+}
+
+/// How one election of all G groups went.
+struct Election {
+    created_in: Duration,
+    elected_after: Option<Duration>,
+    elected_groups: usize,
+    max_multi_leader_groups: usize,
+    failure: Option<String>,
+    /// Creates the API server did not answer the first time, if any.
+    retried: Option<String>,
+}
+
+/// Creates the G groups ([`CONCURRENCY`] at a time) and waits until `leaders` shows exactly
+/// one leader in each, timed from the first create, whoever elects them.
+async fn elect_all(
+    client: &Client,
+    ns: &str,
+    params: &ScaleParams,
+    leaders: &PodWatch,
+    label: &str,
+) -> Result<Election> {
+    let g = params.groups;
+    let started = Instant::now();
+    let mut progress = Progress::new(format!("{label}: groups"));
+    let mut created = 0usize;
+    let mut stream = futures::stream::iter(0..g)
+        .map(|i| {
+            let (client, ns) = (client.clone(), ns.to_string());
+            async move {
+                let name = group_name(i);
+                let mut refused = Vec::new();
+                // An overloaded API server times requests out (at 10,000 groups on 2 cores);
+                // a create that landed anyway answers "already exists" the second time.
+                loop {
+                    match create_group(&client, &ns, &name, &name, params.ttl_seconds).await {
+                        Ok(()) => return Ok(refused),
+                        Err(e)
+                            if format!("{e:#}").contains("already exists")
+                                && !refused.is_empty() =>
+                        {
+                            return Ok(refused);
+                        }
+                        Err(e) if refused.len() < 5 => {
+                            refused.push(format!("{e:#}"));
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY);
+    let mut retried: Vec<String> = Vec::new();
+    while let Some(r) = stream.next().await {
+        retried.extend(r?);
+        created += 1;
+        progress.tick(|| {
+            let s = leaders.now();
+            format!(
+                "{created}/{g} groups created; {} have a leader",
+                s.apps_with_one_leader
+            )
+        });
+    }
+    drop(stream);
+    let mut out = Election {
+        created_in: started.elapsed(),
+        elected_after: None,
+        elected_groups: 0,
+        max_multi_leader_groups: 0,
+        failure: None,
+        retried: (!retried.is_empty()).then(|| {
+            format!(
+                "{} group creates were retried; the first answer: {}",
+                retried.len(),
+                retried[0]
+            )
+        }),
+    };
+
+    // Every group with exactly one leader.
+    let deadline = WAIT.max(Duration::from_millis(150) * g as u32);
+    let mut progress = Progress::new(format!("{label}: election"));
+    loop {
+        let s = leaders.now();
+        out.max_multi_leader_groups = out.max_multi_leader_groups.max(s.apps_with_many_leaders);
+        out.elected_groups = s.apps_with_one_leader;
+        if s.apps_with_one_leader == g && s.apps_with_many_leaders == 0 {
+            out.elected_after = Some(started.elapsed());
+            break;
+        }
+        if started.elapsed() > deadline {
+            out.failure = Some(format!(
+                "only {}/{g} groups had one leader after {:.0}s",
+                s.apps_with_one_leader,
+                deadline.as_secs_f64()
+            ));
+            break;
+        }
+        progress.tick(|| {
+            format!(
+                "{}/{g} groups have one leader after {:.1}s",
+                s.apps_with_one_leader,
+                started.elapsed().as_secs_f64()
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    progress.say(match out.elected_after {
+        Some(t) => format!(
+            "all {g} groups elected {:.2}s after the first was created",
+            t.as_secs_f64()
+        ),
+        None => format!("{}/{g} groups elected", out.elected_groups),
+    });
+    progress.done();
+    Ok(out)
+}
+
+/// The election floor and the renewal floor on the step's pods, then everything they wrote
+/// undone (groups, Leases, pod labels) so that the operator starts on the world it would have
+/// started on without them.
+async fn floor_phase(
+    testbed: &Testbed,
+    client: &Client,
+    ns: &str,
+    params: &ScaleParams,
+) -> Result<ScaleFloor> {
+    let g = params.groups;
+    let label = format!("scale G={g} floor");
+    let leaders = PodWatch::start(client, ns, Some(&leader_selector()), &group_name(0));
+    leaders
+        .wait(WAIT, "the leader watch to sync", |s| s.synced)
+        .await?;
+    let floor = ElectionFloor::start(&testbed.try_client()?, ns, PODS_PER_GROUP);
+    poll(
+        WAIT,
+        Duration::from_millis(20),
+        "the election floor's watches to sync",
+        async || Ok(floor.synced().then_some(())),
+    )
+    .await?;
+    let election = elect_all(client, ns, params, &leaders, &label).await?;
+    floor.wait_quiet(Duration::from_millis(500), WAIT).await;
+    let writes = floor.writes();
+    drop(floor);
+
+    if let Some(failure) = election.failure {
+        anyhow::bail!("{failure}");
+    }
+
+    let mut progress = Progress::new(format!("{label}: renewals"));
+    progress.say(format!(
+        "renewing every TTL/2, settling {:.1}s, then measuring {:.0}s",
+        settle(params).as_secs_f64(),
+        params.window.as_secs_f64()
+    ));
+    let renewals = renewal::run(
+        testbed.config(),
+        ns,
+        params.ttl_seconds,
+        settle(params),
+        params.window,
+    )
+    .await?;
+    progress.done();
+
+    let started = Instant::now();
+    let undone = undo_floor(client, ns, &leaders).await;
+    Ok(ScaleFloor {
+        elected_after: election.elected_after,
+        groups_created_in: election.created_in,
+        election_writes: writes.sent,
+        failed_writes: writes.failed,
+        renewals,
+        undone_in: started.elapsed(),
+        retried: election.retried,
+        undo_failed: undone.err().map(|e| format!("{e:#}")),
+    })
+}
+
+fn leader_selector() -> String {
+    format!("{ROLE_LABEL}={ROLE_LEADER}")
+}
+
+/// Deletes the groups and Leases and strips podium's labels and annotations from the pods.
+async fn undo_floor(client: &Client, ns: &str, leaders: &PodWatch) -> Result<()> {
+    let groups: Api<ElectionGroup> = Api::namespaced(client.clone(), ns);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    delete_each(&groups)
+        .await
+        .context("deleting the floor's groups")?;
+    delete_each(&leases)
+        .await
+        .context("deleting the floor's Leases")?;
+    let labelled = pods
+        .list_metadata(&ListParams::default().labels(ROLE_LABEL))
+        .await?
+        .items;
+    let strip = json!({
+        "metadata": {
+            "labels": { ROLE_LABEL: null },
+            "annotations": { EPOCH_ANNOTATION: null, GROUP_ANNOTATION: null, FENCE_ANNOTATION: null },
+        }
+    });
+    let mut stream = futures::stream::iter(labelled)
+        .map(|pod| {
+            let (pods, strip) = (pods.clone(), &strip);
+            async move {
+                pods.patch(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(strip),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(CONCURRENCY);
+    while let Some(r) = stream.next().await {
+        r.context("stripping a floor label")?;
+    }
+    drop(stream);
+    leaders
+        .wait(WAIT, "no leader labels left", |s| {
+            s.apps_with_one_leader == 0 && s.apps_with_many_leaders == 0
+        })
+        .await?;
+    poll(
+        WAIT,
+        Duration::from_millis(50),
+        "the floor's groups and Leases to go",
+        async || {
+            let left = groups
+                .list_metadata(&ListParams::default())
+                .await?
+                .items
+                .len()
+                + leases
+                    .list_metadata(&ListParams::default())
+                    .await?
+                    .items
+                    .len();
+            Ok((left == 0).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes every object of `api`, one request each: a single deletecollection of 10,000
+/// groups outlasted the API server's 60 s request deadline.
+async fn delete_each<K>(api: &Api<K>) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let names = api.list_metadata(&ListParams::default()).await?.items;
+    let mut deletes = futures::stream::iter(names)
+        .map(|o| async move { api.delete(&o.name_any(), &DeleteParams::default()).await })
+        .buffer_unordered(CONCURRENCY);
+    while let Some(r) = deletes.next().await {
+        match r {
+            // The garbage collector deletes Leases whose group went first.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            other => {
+                other?;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -71,5 +71,47 @@ async fn quick_bench_reports_every_row() {
     assert!(scale[3].ends_with(" s"), "all 10 groups elected: {scale:?}");
     let cost = row(md, &["Lease write (update/create)"]);
     assert_eq!(cost.len(), 4, "two causes and the floor: {cost:?}");
-    row(md, &["failover, delete → new label, p50", "≤ 100 ms"]);
+
+    // The floors: each Podium figure next to the floor of the same run, with a ratio.
+    let is_ratio = |cell: &str| {
+        cell.strip_suffix('×')
+            .is_some_and(|r| r.parse::<f64>().is_ok())
+    };
+    for trigger in ["leader pod deleted", "leader Ready=False"] {
+        for until in ["new leader labelled", "Service routes only to it"] {
+            let cells = row(md, &[trigger, until]);
+            assert!(
+                is_ratio(&cells[4]) && is_ratio(&cells[7]),
+                "ratios in {cells:?}"
+            );
+            assert_eq!(cells[8], "3 / 3", "rounds in {cells:?}");
+        }
+        let acked = row(md, &[trigger, "floor: last write acknowledged"]);
+        assert!(acked[3].parse::<f64>().is_ok(), "{acked:?}");
+        let goal = row(
+            md,
+            &[
+                &format!("failover, {trigger} → new label, p50"),
+                "≤ 1.25× floor",
+            ],
+        );
+        assert!(is_ratio(&goal[2]), "{goal:?}");
+    }
+    let scale_floor = md
+        .lines()
+        .filter(|l| l.starts_with("| 10 |"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no G=10 row against the floor in\n{md}"));
+    let cells: Vec<&str> = scale_floor
+        .trim_matches('|')
+        .split('|')
+        .map(str::trim)
+        .collect();
+    assert!(
+        cells[2].ends_with(" s"),
+        "the floor elected all 10: {cells:?}"
+    );
+    for ratio in [cells[3], cells[6], cells[8]] {
+        assert!(is_ratio(ratio), "ratios in {cells:?}");
+    }
 }

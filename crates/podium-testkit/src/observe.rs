@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::pod::{is_ready, is_terminating};
 use crate::testbed::kubelet::{endpointslice_resource, slice_endpoints};
-use podium_core::crd::{ROLE_LABEL, ROLE_LEADER};
+use podium_core::crd::{ElectionGroup, ROLE_LABEL, ROLE_LEADER};
 
 /// One change a watch saw.
 #[derive(Clone, Debug)]
@@ -121,6 +121,20 @@ pub fn watch_lease(
         Api::namespaced(client.clone(), namespace),
         config,
         "Lease",
+        on,
+    )
+}
+
+/// Watches the ElectionGroups of `namespace`.
+pub fn watch_groups(
+    client: &Client,
+    namespace: &str,
+    on: impl FnMut(Instant, Change<ElectionGroup>) + Send + 'static,
+) -> Watching {
+    watch(
+        Api::namespaced(client.clone(), namespace),
+        watcher::Config::default(),
+        "ElectionGroup",
         on,
     )
 }
