@@ -239,6 +239,7 @@ pub fn status(
             observed_generation: group.metadata.generation,
             last_transition_time: Time(now),
         }],
+        ..Default::default()
     }
 }
 
