@@ -161,8 +161,8 @@ impl Metrics {
             .led
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        led.insert(key, has_leader);
-        self.publish_group_counts(&led);
+        let before = led.insert(key, has_leader);
+        self.count_groups(before, Some(has_leader));
     }
 
     pub fn group_removed(&self, namespace: &str, group: &str) {
@@ -173,15 +173,19 @@ impl Metrics {
             .led
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        led.remove(&key);
-        self.publish_group_counts(&led);
+        let before = led.remove(&key);
+        self.count_groups(before, None);
     }
 
-    fn publish_group_counts(&self, led: &HashMap<GroupLabels, bool>) {
-        self.groups
-            .set(i64::try_from(led.len()).unwrap_or(i64::MAX));
+    /// Moves the group counts by one group's change (`None`: not known / removed). Called with
+    /// the `led` map locked, so the gauges move in the map's order. Recounting the whole map
+    /// instead cost O(groups) on every renewal (seen in the bench's profile at 10,000 groups).
+    fn count_groups(&self, before: Option<bool>, after: Option<bool>) {
+        let known = |l: Option<bool>| i64::from(l.is_some());
+        let leaderless = |l: Option<bool>| i64::from(l == Some(false));
+        self.groups.inc_by(known(after) - known(before));
         self.groups_without_leader
-            .set(i64::try_from(led.values().filter(|l| !**l).count()).unwrap_or(i64::MAX));
+            .inc_by(leaderless(after) - leaderless(before));
     }
 
     /// The OpenMetrics text exposition.
@@ -227,7 +231,17 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+        // The same group again, then elected: counted once, and no longer leaderless.
+        m.group_state("ns", "db", false, 0);
+        m.group_state("ns", "db", true, 1);
+        let text = m.encode();
+        assert!(text.contains("podium_groups 2"), "{text}");
+        assert!(text.contains("podium_groups_without_leader 0"), "{text}");
+        m.group_state("ns", "db", false, 0);
         m.group_removed("ns", "db");
-        assert!(m.encode().contains("podium_groups_without_leader 0"));
+        m.group_removed("ns", "never-seen");
+        let text = m.encode();
+        assert!(text.contains("podium_groups 1"), "{text}");
+        assert!(text.contains("podium_groups_without_leader 0"), "{text}");
     }
 }
