@@ -457,14 +457,12 @@ impl State {
 // The operator's side: `reconcile` with the real core.
 
 /// What replica `cache` decides, as the requests `reconcile::apply` sends in order. A Lease the
-/// cache lacks is read from the server, as `observe::read_lease` does.
+/// cache lacks is taken as absent, as `observe::read_lease` does (its server reads after a 409
+/// return what a cache that caught up would show, which the model reaches too): the create that
+/// follows is refused when one exists.
 fn plan(protocol: Protocol, replica: &Replica, world: &World) -> Vec<Request> {
     let group = group_object(&replica.group);
-    let lease = replica
-        .lease
-        .as_ref()
-        .or(world.lease.as_ref())
-        .map(|l| lease_object(&group, l));
+    let lease = replica.lease.as_ref().map(|l| lease_object(&group, l));
     let mut members = Vec::new();
     let mut strays = Vec::new();
     for (i, p) in replica.pods.iter().enumerate() {

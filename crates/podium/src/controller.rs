@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 
 use crate::crd::{ElectionGroup, GROUP_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+use crate::events::Events;
 use crate::index::{self, Index};
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, error_policy, reconcile};
@@ -124,13 +125,13 @@ pub async fn run(
         group_index: group_index.clone(),
         nodes: nodes.clone(),
         leases,
-        recorder: Recorder::new(
+        events: Events::start(Recorder::new(
             client.clone(),
             Reporter {
                 controller: FIELD_MANAGER.into(),
                 instance: std::env::var("POD_NAME").ok(),
             },
-        ),
+        )),
         metrics,
         leading,
         claim,

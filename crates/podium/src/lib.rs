@@ -13,6 +13,7 @@ pub mod client_metrics;
 pub mod controller;
 pub mod ctl;
 pub mod error;
+pub mod events;
 pub mod ha;
 pub mod http;
 pub mod index;

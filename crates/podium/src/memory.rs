@@ -14,6 +14,9 @@
 //!   reconcile reads it from the server. Otherwise, while the Lease watch is down or backing off
 //!   (after an API server restart, up to half a minute), every renewal and failover of the group
 //!   would fail against the same stale copy.
+//! - **A Lease outside the cache.** The Lease cache holds only Leases podium labelled. A Lease
+//!   the server showed that the cache lacks (someone else's, under the group's name) is read
+//!   from the server again each time until the cache shows one.
 //! - **When a failover started**, for `podium_failover_seconds`.
 
 use std::collections::HashMap;
@@ -38,6 +41,7 @@ struct GroupMemory {
     status: Option<Written<ElectionGroup>>,
     lease: Option<Written<Lease>>,
     lease_stale: bool,
+    lease_outside_cache: bool,
     failover_started: Option<Instant>,
 }
 
@@ -46,6 +50,7 @@ impl GroupMemory {
         self.status.is_none()
             && self.lease.is_none()
             && !self.lease_stale
+            && !self.lease_outside_cache
             && self.failover_started.is_none()
     }
 }
@@ -118,6 +123,17 @@ impl Memory {
     /// Whether the cached Lease is known to be stale; asking clears it (the caller reads anew).
     pub fn take_lease_stale(&self, key: &Key) -> bool {
         self.with(key, |m| std::mem::take(&mut m.lease_stale))
+    }
+
+    /// Whether the last server read found a Lease the cache did not have; see
+    /// [`Memory::lease_seen`].
+    pub fn lease_outside_cache(&self, key: &Key) -> bool {
+        self.with(key, |m| m.lease_outside_cache)
+    }
+
+    /// What the last read of the Lease found: whether it exists, and whether the cache had it.
+    pub fn lease_seen(&self, key: &Key, exists: bool, cached: bool) {
+        self.with(key, |m| m.lease_outside_cache = exists && !cached);
     }
 
     /// A handover was decided at `at`; the first one of a failover counts.
@@ -239,6 +255,24 @@ mod tests {
         );
         assert!(memory.take_lease_stale(&key()));
         assert!(!memory.take_lease_stale(&key()));
+    }
+
+    #[test]
+    fn a_lease_the_server_has_and_the_cache_lacks_is_read_again_until_the_cache_has_it() {
+        let memory = Memory::default();
+        assert!(!memory.lease_outside_cache(&key()));
+        memory.lease_seen(&key(), true, false);
+        assert!(memory.lease_outside_cache(&key()));
+        assert!(
+            memory.lease_outside_cache(&key()),
+            "asking does not clear it"
+        );
+        memory.lease_seen(&key(), true, true);
+        assert!(!memory.lease_outside_cache(&key()));
+        memory.lease_seen(&key(), true, false);
+        memory.lease_seen(&key(), false, false);
+        assert!(!memory.lease_outside_cache(&key()));
+        assert_eq!(memory.len(), 0, "nothing left to remember");
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub async fn apply(
                 }
                 labels::apply(&pods, write, &name).await?;
                 if let LabelWrite::Promote { pod, epoch, .. } = write {
-                    failover_took = promoted(ctx, group, &key, decision, pod, *epoch).await;
+                    failover_took = promoted(ctx, group, &key, decision, pod, *epoch);
                 }
             }
         }
@@ -102,8 +102,7 @@ async fn write_lease(
                 EventType::Normal,
                 "LeaderLost",
                 format!("pod {from} lost leadership: {}", h.reason),
-            )
-            .await;
+            );
         }
     }
     if decision.leader.is_none() && matches!(decision.outcome, Outcome::NoEligibleMembers) {
@@ -113,14 +112,13 @@ async fn write_lease(
             EventType::Warning,
             "NoEligibleMembers",
             "no member is eligible; the leader label is cleared".into(),
-        )
-        .await;
+        );
     }
     Ok(())
 }
 
 /// A new leader is labelled: the failover is over. Returns how long it took, when known.
-async fn promoted(
+fn promoted(
     ctx: &Context,
     group: &ElectionGroup,
     key: &Key,
@@ -149,8 +147,7 @@ async fn promoted(
         EventType::Normal,
         "LeaderElected",
         format!("pod {pod} is the leader at epoch {epoch}{previous}"),
-    )
-    .await;
+    );
     took
 }
 

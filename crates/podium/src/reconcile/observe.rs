@@ -19,21 +19,31 @@ use crate::error::Result;
 use crate::memory::Key;
 use crate::{index, lease, validate};
 
-/// The group's Lease: our own last write while the cache lags it, else the cache, else (a
-/// Lease podium did not label, or a cache known to be stale) the server.
+/// The group's Lease: our own last write while the cache lags it, else the cache. The server is
+/// read only when the cache is known to be stale (a 409) or to lack a Lease that exists (one
+/// podium did not label). A synced cache without the Lease needs no read: the decision then
+/// creates it, and a create is itself a compare-and-swap on "absent", refused with a 409 when
+/// the cache was wrong, after which the next reconcile reads the server. That read cost one
+/// request per new group, a fifth of an election's floor.
 pub async fn read_lease(ctx: &Context, api: &Api<Lease>, key: &Key) -> Result<Option<Lease>> {
     let (namespace, name) = key;
     let stale = ctx.memory.take_lease_stale(key);
     let cached = ctx.leases.get(&ObjectRef::new(name).within(namespace));
+    let in_cache = cached.is_some();
     let cached = ctx
         .memory
         .lease_newer_than(key, cached.as_deref())
         .or(cached)
         .filter(|_| !stale);
-    match cached {
-        Some(l) => Ok(Some((*l).clone())),
-        None => lease::get(api, name).await,
+    if let Some(lease) = cached {
+        return Ok(Some((*lease).clone()));
     }
+    if !stale && !ctx.memory.lease_outside_cache(key) {
+        return Ok(None);
+    }
+    let read = lease::get(api, name).await?;
+    ctx.memory.lease_seen(key, read.is_some(), in_cache);
+    Ok(read)
 }
 
 /// Builds the core's input from the caches.

@@ -58,17 +58,13 @@ pub async fn decided(
         write_status(ctx, group, &status).await?;
     }
     if let Some(switchover) = &decision.switchover {
-        switchover_done(ctx, group, switchover).await;
+        switchover_done(ctx, group, switchover);
     }
     Ok(())
 }
 
 /// A switchover request was carried out or refused, and the status now says so.
-pub async fn switchover_done(
-    ctx: &Context,
-    group: &ElectionGroup,
-    switchover: &SwitchoverDecision,
-) {
+pub fn switchover_done(ctx: &Context, group: &ElectionGroup, switchover: &SwitchoverDecision) {
     let id = &switchover.request.id;
     let (type_, reason) = match switchover.result {
         SwitchoverResult::Succeeded { .. } => (EventType::Normal, "Switchover"),
@@ -76,7 +72,7 @@ pub async fn switchover_done(
     };
     tracing::info!(group = %group.name_any(), %id, result = switchover.result.name(), message = switchover.result.message(), "switchover request handled");
     let note = format!("switchover {id}: {}", switchover.result.message());
-    event(ctx, group, type_, reason, note).await;
+    event(ctx, group, type_, reason, note);
 }
 
 /// Missing RBAC is a deployment problem the user must fix; say so where they look.
@@ -93,7 +89,7 @@ pub async fn forbidden(
         error.kind(),
         error.server_message().unwrap_or("forbidden")
     );
-    event(ctx, group, EventType::Warning, "Forbidden", message.clone()).await;
+    event(ctx, group, EventType::Warning, "Forbidden", message.clone());
     let mut status = election::status::from_decision(
         group.status.as_ref(),
         decision,
@@ -137,13 +133,8 @@ fn set_degraded(status: &mut ElectionGroupStatus, reason: &str, message: String,
     });
 }
 
-pub async fn event(
-    ctx: &Context,
-    group: &ElectionGroup,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
+/// Queues an Event about the group; see [`crate::events`].
+pub fn event(ctx: &Context, group: &ElectionGroup, type_: EventType, reason: &str, note: String) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -151,8 +142,5 @@ pub async fn event(
         action: reason.into(),
         secondary: None,
     };
-    // Events are best effort: failing to record one must not fail the election.
-    if let Err(e) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
-        tracing::debug!(error = %e, "could not publish event");
-    }
+    ctx.events.publish(event, group.object_ref(&()));
 }
