@@ -17,6 +17,10 @@
 //! 4. **Cost per failover**: every request the operator made for each failover of section 1,
 //!    sorted by what it did, against the floor (Lease write, unlabel, label, status write).
 //!
+//! `--real-node` runs instead a report of its own ([`real_node`]): failover on a real node
+//! (kubelet, containerd, kube-proxy) as a client of the leader Service and the Downward API
+//! see it, next to the new leader's label, written to `bench/results/<date>-real-node.md`.
+//!
 //! The operator runs in a child process (this executable, `podium-bench --operator-child`): the
 //! operator as `podium run --leader-elect=false`, plus a counting layer on its client whose
 //! counts the harness reads over a loopback socket. So CPU and memory come from
@@ -28,6 +32,7 @@ mod floor;
 mod operator;
 mod peers;
 mod procstat;
+mod real_node;
 mod report;
 mod scale;
 mod stats;
@@ -106,6 +111,17 @@ pub struct BenchArgs {
     /// Sections to leave out, comma separated.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub skip: Vec<Section>,
+
+    /// Instead of the sections above, time failovers on a real node (root; one per machine):
+    /// the chart's in-cluster operator, built from the release `podium` binary next to this
+    /// executable, and a client of the leader Service. Writes `<date>-real-node.md`.
+    #[arg(long)]
+    pub real_node: bool,
+
+    /// Failovers per trigger (leader deleted, readiness probe fails) with --real-node
+    /// [default: 20; 3 with --quick].
+    #[arg(long, requires = "real_node")]
+    pub real_node_rounds: Option<usize>,
 
     /// Run the operator inside the bench process (CPU and memory then include the harness).
     #[arg(long)]
@@ -205,7 +221,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.operator_child {
         return operator::run_child(args.child_namespace, args.child_log).await;
     }
-    let outcome = run_with(&args).await?;
+    let outcome = if args.real_node {
+        telemetry::init(LogFormat::Text, "warn,kube_client=off");
+        real_node::run(&args).await?
+    } else {
+        run_with(&args).await?
+    };
     println!("{}", outcome.markdown);
     eprintln!("bench: report written to {}", outcome.path.display());
     if !outcome.failures.is_empty() {
@@ -257,21 +278,7 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
         None => "in the bench process (CPU and memory include the harness)".into(),
     };
     let mut rng = Rng::from_entropy();
-    // The highest 1-minute load seen during the run: other work on the machine shows up here.
-    let peak_load = std::sync::Arc::new(std::sync::Mutex::new(0.0f64));
-    let sampler = tokio::spawn({
-        let peak_load = peak_load.clone();
-        async move {
-            loop {
-                let load = procstat::load_1m();
-                {
-                    let mut peak = peak_load.lock().unwrap_or_else(|e| e.into_inner());
-                    *peak = peak.max(load);
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    });
+    let load = PeakLoad::start();
     let log_dir = testbed.log_dir();
 
     if settings.runs(Section::Failover) {
@@ -345,10 +352,9 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
 
     report.duration = started.elapsed();
     report.load_end = procstat::load_average();
-    sampler.abort();
-    report.load_peak = *peak_load.lock().unwrap_or_else(|e| e.into_inner());
+    report.load_peak = load.stop();
     let markdown = report.render();
-    let path = write_report(&args.out, &report.started_at, &markdown)?;
+    let path = write_report(&args.out, &report.started_at, "", &markdown)?;
     Ok(BenchOutcome {
         markdown,
         path,
@@ -356,14 +362,52 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
     })
 }
 
-/// Writes `<out>/<date>.md`, or `<date>-2.md` and so on if that exists.
-fn write_report(out: &Path, started: &jiff::Zoned, markdown: &str) -> Result<PathBuf> {
+/// The highest 1-minute load average sampled during a run: other work on the machine shows up
+/// here.
+struct PeakLoad {
+    peak: std::sync::Arc<std::sync::Mutex<f64>>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl PeakLoad {
+    fn start() -> PeakLoad {
+        let peak = std::sync::Arc::new(std::sync::Mutex::new(0.0f64));
+        let sampler = tokio::spawn({
+            let peak = peak.clone();
+            async move {
+                loop {
+                    let load = procstat::load_1m();
+                    {
+                        let mut peak = peak.lock().unwrap_or_else(|e| e.into_inner());
+                        *peak = peak.max(load);
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        });
+        PeakLoad { peak, sampler }
+    }
+
+    fn stop(self) -> f64 {
+        self.sampler.abort();
+        *self.peak.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Writes `<out>/<date><suffix>.md`, or `<date><suffix>-2.md` and so on if that exists: earlier
+/// reports are kept.
+fn write_report(
+    out: &Path,
+    started: &jiff::Zoned,
+    suffix: &str,
+    markdown: &str,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let date = started.strftime("%Y-%m-%d").to_string();
-    let mut path = out.join(format!("{date}.md"));
+    let mut path = out.join(format!("{date}{suffix}.md"));
     let mut n = 2;
     while path.exists() {
-        path = out.join(format!("{date}-{n}.md"));
+        path = out.join(format!("{date}{suffix}-{n}.md"));
         n += 1;
     }
     std::fs::write(&path, markdown).with_context(|| format!("writing {}", path.display()))?;
@@ -394,8 +438,17 @@ fn checkout() -> String {
     };
     match git(&["rev-parse", "--short", "HEAD"]) {
         Some(commit) => {
-            let dirty = git(&["status", "--porcelain", "--", "src", "Cargo.toml"])
-                .is_some_and(|s| !s.is_empty());
+            // From the repository's top, where the bench runs, the sources are under crates/.
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--",
+                "crates",
+                "src",
+                "Cargo.toml",
+                "Cargo.lock",
+            ])
+            .is_some_and(|s| !s.is_empty());
             format!(
                 "checkout at git {commit}{}",
                 if dirty { " + local changes" } else { "" }
@@ -574,6 +627,9 @@ mod tests {
         assert_eq!((quick.rounds, quick.groups.clone()), (3, vec![10]));
         assert!(!quick.runs(Section::Peers) && quick.runs(Section::Scale));
         assert!(Cli::try_parse_from(["bench", "--child-log"]).is_err());
+        assert!(Cli::try_parse_from(["bench", "--real-node-rounds", "2"]).is_err());
+        let real = Cli::parse_from(["bench", "--real-node", "--real-node-rounds", "2"]).bench;
+        assert_eq!((real.real_node, real.real_node_rounds), (true, Some(2)));
         let huge = Settings::from_args(&Cli::parse_from(["bench", "--ten-thousand"]).bench);
         assert_eq!(huge.groups, vec![10, 100, 1000, 10_000]);
     }

@@ -88,24 +88,7 @@ impl Report {
     fn header(&self, md: &mut String) {
         let m = &self.machine;
         let s = &self.settings;
-        let _ = writeln!(
-            md,
-            "# podium bench, {}{}\n",
-            self.started_at.strftime("%Y-%m-%d %H:%M %Z"),
-            if s.quick {
-                " (--quick: smoke run, not for quoting)"
-            } else {
-                ""
-            }
-        );
-        let _ = writeln!(md, "| | |\n|---|---|");
-        let _ = writeln!(md, "| machine | {} × {} |", m.cores, m.cpu_model);
-        let _ = writeln!(
-            md,
-            "| memory | {:.1} GiB |",
-            m.memory_bytes as f64 / MIB / 1024.0
-        );
-        let _ = writeln!(md, "| kernel | Linux {} |", m.kernel);
+        title_and_machine(md, "podium bench", &self.started_at, s.quick, m);
         let _ = writeln!(
             md,
             "| control plane | kube-apiserver {}, etcd {}, kube-controller-manager (testbed, loopback) |",
@@ -123,11 +106,7 @@ impl Report {
             self.source
         );
         let _ = writeln!(md, "| operator | {} |", self.operator_mode);
-        let _ = writeln!(
-            md,
-            "| load average (1/5/15 min) | {} at start, {} at end; 1-min peak during the run {:.1} on {} cores |",
-            m.load_average, self.load_end, self.load_peak, m.cores
-        );
+        load_row(md, m, &self.load_end, self.load_peak);
         let _ = writeln!(
             md,
             "| settings | {} failovers per trigger; peers: {} crash + {} step-down rounds; scale: G ∈ {{{}}}, TTL {} s, {:.0} s window, {} failovers |",
@@ -663,8 +642,46 @@ impl Report {
     }
 }
 
+/// A report's title (marked as not for quoting with `--quick`) and the first rows of its header
+/// table: the machine.
+pub(crate) fn title_and_machine(
+    md: &mut String,
+    title: &str,
+    started_at: &jiff::Zoned,
+    quick: bool,
+    m: &Machine,
+) {
+    let _ = writeln!(
+        md,
+        "# {title}, {}{}\n",
+        started_at.strftime("%Y-%m-%d %H:%M %Z"),
+        if quick {
+            " (--quick: smoke run, not for quoting)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(md, "| | |\n|---|---|");
+    let _ = writeln!(md, "| machine | {} × {} |", m.cores, m.cpu_model);
+    let _ = writeln!(
+        md,
+        "| memory | {:.1} GiB |",
+        m.memory_bytes as f64 / MIB / 1024.0
+    );
+    let _ = writeln!(md, "| kernel | Linux {} |", m.kernel);
+}
+
+/// The header row for the load average: other work on the machine shows up here.
+pub(crate) fn load_row(md: &mut String, m: &Machine, load_end: &str, load_peak: f64) {
+    let _ = writeln!(
+        md,
+        "| load average (1/5/15 min) | {} at start, {load_end} at end; 1-min peak during the run {load_peak:.1} on {} cores |",
+        m.load_average, m.cores
+    );
+}
+
 /// `1.3×`, `54×`.
-fn ratio(r: f64) -> String {
+pub(crate) fn ratio(r: f64) -> String {
     if r < 10.0 {
         format!("{r:.1}×")
     } else {
@@ -681,6 +698,6 @@ fn error_list(errors: &std::collections::BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.replace(['\n', '|'], " ")
 }

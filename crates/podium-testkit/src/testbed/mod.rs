@@ -21,13 +21,16 @@
 //!   inspection instead of deleting it.
 //!
 //! [`node::RealNode`] runs the same control plane configured for a real node beside it
-//! (containerd, kubelet, kube-scheduler, kube-proxy), for the end-to-end suite.
+//! (containerd, kubelet, kube-scheduler, kube-proxy), for the end-to-end suite, and
+//! [`service_traffic`] installs the chart and the examples there and loops a client through the
+//! leader Service (the suite and `podium-bench --real-node`).
 
 pub mod apiext;
 mod certs;
 pub mod kubelet;
 pub mod node;
 mod process;
+pub mod service_traffic;
 
 use std::fs;
 use std::future::Future;
