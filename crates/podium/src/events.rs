@@ -33,9 +33,7 @@ impl Events {
 
     pub fn publish(&self, event: Event, regarding: ObjectReference) {
         if let Err(e) = self.queue.try_send((event, regarding)) {
-            let (event, _) = match e {
-                mpsc::error::TrySendError::Full(v) | mpsc::error::TrySendError::Closed(v) => v,
-            };
+            let (event, _) = e.into_inner();
             tracing::warn!(reason = %event.reason, "event queue full or closed; event dropped");
         }
     }

@@ -75,20 +75,18 @@ pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<A
     let started = Instant::now();
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
     let api: Api<ElectionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
-    let group = match add_finalizer(&api, group).await {
-        Ok(group) => group,
-        Err(e) => {
-            ctx.metrics.reconciled(started.elapsed());
-            return Err(e);
+    let result = match add_finalizer(&api, group).await {
+        Ok(group) => {
+            finalizer(&api, FINALIZER, group, |event| async {
+                match event {
+                    FinalizerEvent::Apply(g) => elect(&g, &ctx).await,
+                    FinalizerEvent::Cleanup(g) => cleanup::cleanup(&g, &ctx).await,
+                }
+            })
+            .await
         }
+        Err(e) => Err(e),
     };
-    let result = finalizer(&api, FINALIZER, group, |event| async {
-        match event {
-            FinalizerEvent::Apply(g) => elect(&g, &ctx).await,
-            FinalizerEvent::Cleanup(g) => cleanup::cleanup(&g, &ctx).await,
-        }
-    })
-    .await;
     ctx.metrics.reconciled(started.elapsed());
     match result {
         // Two reconciles of a deleted group can race to remove the finalizer; the second finds
@@ -110,7 +108,7 @@ pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<A
 async fn add_finalizer(
     api: &Api<ElectionGroup>,
     group: Arc<ElectionGroup>,
-) -> Result<Arc<ElectionGroup>> {
+) -> Result<Arc<ElectionGroup>, kube::runtime::finalizer::Error<Error>> {
     if group.meta().deletion_timestamp.is_some()
         || group.finalizers().iter().any(|f| f == FINALIZER)
     {
@@ -131,7 +129,7 @@ async fn add_finalizer(
     )
     .await
     .map(Arc::new)
-    .map_err(|e| Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(e))))
+    .map_err(kube::runtime::finalizer::Error::AddFinalizer)
 }
 
 pub fn error_policy(group: Arc<ElectionGroup>, error: &Error, ctx: Arc<Context>) -> Action {
