@@ -7,12 +7,15 @@
 //! - [`election`]: observed group, pods and Lease in; Lease, label and status writes out.
 //! - [`lease`], [`labels`]: the objects and patch bodies those writes become.
 //! - [`selector`], [`validate`]: label-selector matching and the spec rules, checked in code.
+//! - [`notify`]: the role notifications pushed to pods and the rules of `podium exec`'s term
+//!   and of activating a new leader's process.
 //! - [`request`]: the verb and resource of a kube API request, for the client metrics and the
 //!   test kit's request counts.
 pub mod crd;
 pub mod election;
 pub mod labels;
 pub mod lease;
+pub mod notify;
 pub mod request;
 pub mod selector;
 pub mod validate;
