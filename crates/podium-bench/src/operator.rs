@@ -53,6 +53,7 @@ pub async fn run_child(namespace: Option<String>, keep_log: bool) -> Result<()> 
             http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             watch_namespace: namespace,
             election: None,
+            service_account: None,
         },
     )
     .await?;
@@ -206,6 +207,7 @@ impl OperatorUnderTest {
                 http_addr: None,
                 watch_namespace: namespace.map(str::to_string),
                 election: None,
+                service_account: None,
             },
         )
         .await?;

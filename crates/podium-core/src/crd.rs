@@ -113,6 +113,34 @@ pub struct ElectionGroupSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 317)))]
     pub drain_taints: Vec<String>,
+
+    /// Push each member its role, the leader, the epoch and the term over HTTP, signed with
+    /// the operator's ServiceAccount token, and activate a new leader's process only once the
+    /// old one has stopped (see `podium exec`). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifySpec>,
+}
+
+/// Where the operator sends role notifications: `http://<podIP>:<port><path>`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotifySpec {
+    /// Port on the pod's IP that takes the notifications (`podium exec` listens on 8787).
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// HTTP path of the notifications.
+    #[serde(default = "default_notify_path")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/[A-Za-z0-9._~/-]*$"))]
+    pub path: String,
+}
+
+/// The path `podium exec` serves by default.
+pub const DEFAULT_NOTIFY_PATH: &str = "/podium/notify";
+/// The port `podium exec` listens on by default.
+pub const DEFAULT_NOTIFY_PORT: i32 = 8787;
+
+fn default_notify_path() -> String {
+    DEFAULT_NOTIFY_PATH.into()
 }
 
 fn default_true() -> bool {
@@ -131,6 +159,7 @@ impl ElectionGroupSpec {
             failover_delay_seconds: 0,
             handover_on_drain: true,
             drain_taints: Vec::new(),
+            notify: None,
         }
     }
 }

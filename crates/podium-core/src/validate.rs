@@ -87,6 +87,20 @@ pub fn validate(spec: &ElectionGroupSpec) -> Result<(), Vec<String>> {
     {
         problems.push("spec.drainTaints: every taint key must be 1 to 317 characters".to_string());
     }
+    if let Some(notify) = &spec.notify {
+        if !(1..=65535).contains(&notify.port) {
+            problems.push(format!(
+                "spec.notify.port is {}; it must be between 1 and 65535",
+                notify.port
+            ));
+        }
+        if !is_notify_path(&notify.path) {
+            problems.push(format!(
+                "spec.notify.path {:?} must start with '/', be at most 256 characters and use only letters, digits and . _ ~ / -",
+                notify.path
+            ));
+        }
+    }
     if let Some(name) = &spec.preferred_leader
         && !is_dns_subdomain(name)
     {
@@ -99,6 +113,14 @@ pub fn validate(spec: &ElectionGroupSpec) -> Result<(), Vec<String>> {
     } else {
         Err(problems)
     }
+}
+
+fn is_notify_path(path: &str) -> bool {
+    path.starts_with('/')
+        && path.len() <= 256
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~/-".contains(&b))
 }
 
 fn is_dns_subdomain(name: &str) -> bool {
@@ -174,6 +196,24 @@ mod tests {
         let mut s = spec();
         s.min_ready_seconds = -5;
         assert!(problems(s).contains("minReadySeconds"));
+    }
+
+    #[test]
+    fn notify_port_and_path_are_checked() {
+        use crate::crd::NotifySpec;
+        let with = |port, path: &str| ElectionGroupSpec {
+            notify: Some(NotifySpec {
+                port,
+                path: path.into(),
+            }),
+            ..spec()
+        };
+        assert!(validate(&with(8787, "/podium/notify")).is_ok());
+        assert!(problems(with(0, "/x")).contains("spec.notify.port is 0"));
+        assert!(problems(with(65536, "/x")).contains("spec.notify.port is 65536"));
+        assert!(problems(with(80, "x")).contains("spec.notify.path"));
+        assert!(problems(with(80, "/a b")).contains("spec.notify.path"));
+        assert!(problems(with(80, &format!("/{}", "a".repeat(256)))).contains("spec.notify.path"));
     }
 
     #[test]

@@ -315,6 +315,7 @@ async fn script<W: Write>(
             http_addr: metrics_addr,
             watch_namespace: Some(NAMESPACE.to_string()),
             election: None,
+            service_account: None,
         },
     )
     .await

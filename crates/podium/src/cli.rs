@@ -105,6 +105,10 @@ pub struct RunArgs {
     #[arg(long, env = "PODIUM_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
 
+    /// The operator's own ServiceAccount as NAMESPACE/NAME, whose tokens sign role notifications (the chart sets it) [default: none; groups with spec.notify then get no notifications].
+    #[arg(long, env = "PODIUM_SERVICE_ACCOUNT", value_parser = parse_service_account)]
+    pub service_account: Option<(String, String)>,
+
     /// Log format; RUST_LOG sets levels (default info).
     #[arg(long, env = "PODIUM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -147,7 +151,19 @@ impl RunArgs {
             http_addr: Some(self.http_addr),
             watch_namespace: self.watch_namespace.clone().filter(|n| !n.is_empty()),
             election,
+            service_account: self.service_account.clone(),
         }
+    }
+}
+
+fn parse_service_account(text: &str) -> Result<(String, String), String> {
+    match text.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok((namespace.to_string(), name.to_string()))
+        }
+        _ => Err(format!("{text:?} is not NAMESPACE/NAME")),
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Options {
     pub namespace: Option<String>,
     /// Whether Nodes may be read; without it a pod's node readiness is not considered.
     pub watch_nodes: bool,
+    /// Signs role notifications (see [`crate::notify`]).
+    pub service_account: Option<(String, String)>,
 }
 
 /// Runs the controller until `shutdown` resolves. `leading` gates every write; the caches
@@ -132,6 +134,16 @@ pub async fn run(
                 instance: std::env::var("POD_NAME").ok(),
             },
         )),
+        notifier: crate::notify::Notifier::start(
+            pods.clone(),
+            options
+                .service_account
+                .as_ref()
+                .map(|(ns, name)| crate::notify::TokenSource::new(client.clone(), ns, name)),
+            leading.clone(),
+            claim.clone(),
+            metrics.clone(),
+        ),
         metrics,
         leading,
         claim,

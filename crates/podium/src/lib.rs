@@ -4,6 +4,7 @@
 //! - [`reconcile`]: one group: observe, decide, apply the writes in order, report.
 //! - [`controller`]: the watches and how their events map to groups.
 //! - [`lease`], [`labels`], [`status`]: the conditional writes.
+//! - [`notify`]: role notifications to the pods of groups with `spec.notify`.
 //! - [`memory`]: what the operator remembers per group between reconciles.
 //! - [`operator`], [`ha`], [`http`], [`metrics`], [`client_metrics`], [`telemetry`], [`cli`]:
 //!   running it.
@@ -21,6 +22,7 @@ pub mod labels;
 pub mod lease;
 pub mod memory;
 pub mod metrics;
+pub mod notify;
 pub mod operator;
 pub mod reconcile;
 pub mod status;

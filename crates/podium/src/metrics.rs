@@ -24,6 +24,12 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotifyLabels {
+    /// `accepted`, `refused`, or why the send failed (`timeout`, `unreachable`, ...).
+    pub result: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     leader_changes: Family<GroupLabels, Counter>,
@@ -35,6 +41,9 @@ pub struct Metrics {
     groups_without_leader: Gauge,
     is_operator_leader: Gauge,
     client: ClientMetrics,
+    notifications: Family<NotifyLabels, Counter>,
+    notify_seconds: Histogram,
+    activation_wait_seconds: Histogram,
     /// Whether each known group has a leader; the two group gauges are derived from it.
     led: Mutex<HashMap<GroupLabels, bool>>,
 }
@@ -99,6 +108,29 @@ impl Metrics {
             is_operator_leader.clone(),
         );
         let client = ClientMetrics::register(registry.sub_registry_with_prefix("kube_client"));
+        let notifications = Family::<NotifyLabels, Counter>::default();
+        for result in ["accepted", "refused"] {
+            let _ = notifications.get_or_create(&NotifyLabels {
+                result: result.into(),
+            });
+        }
+        registry.register(
+            "notifications",
+            "Role notifications sent to pods, by result: accepted, refused (stale), or the failure",
+            notifications.clone(),
+        );
+        let notify_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "notification_seconds",
+            "From sending a role notification to the pod's answer (a demotion is answered once the pod's command stopped)",
+            notify_seconds.clone(),
+        );
+        let activation_wait_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        registry.register(
+            "activation_wait_seconds",
+            "How long a new leader waited, told pending, until no other pod could still run leader-only work",
+            activation_wait_seconds.clone(),
+        );
         Metrics {
             registry,
             leader_changes,
@@ -110,6 +142,9 @@ impl Metrics {
             groups_without_leader,
             is_operator_leader,
             client,
+            notifications,
+            notify_seconds,
+            activation_wait_seconds,
             led: Mutex::new(HashMap::new()),
         }
     }
@@ -137,6 +172,19 @@ impl Metrics {
         self.reconcile_errors
             .get_or_create(&ErrorLabels { kind: kind.into() })
             .inc();
+    }
+
+    pub fn notify_sent(&self, result: &str, took: Duration) {
+        self.notifications
+            .get_or_create(&NotifyLabels {
+                result: result.into(),
+            })
+            .inc();
+        self.notify_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn notify_activated(&self, waited: Duration) {
+        self.activation_wait_seconds.observe(waited.as_secs_f64());
     }
 
     pub fn operator_leader(&self, leading: bool) {
@@ -217,6 +265,8 @@ mod tests {
         m.group_state("ns", "web", true, 1);
         m.group_state("ns", "db", false, 0);
         m.operator_leader(true);
+        m.notify_sent("timeout", Duration::from_secs(15));
+        m.notify_activated(Duration::from_millis(3));
         let text = m.encode();
         for needle in [
             "podium_leader_changes_total{namespace=\"ns\",group=\"web\"} 1",
@@ -228,6 +278,10 @@ mod tests {
             "podium_groups_without_leader 1",
             "podium_is_operator_leader 1",
             "podium_leaders{namespace=\"ns\",group=\"web\"} 1",
+            "podium_notifications_total{result=\"accepted\"} 0",
+            "podium_notifications_total{result=\"timeout\"} 1",
+            "podium_notification_seconds_count 1",
+            "podium_activation_wait_seconds_count 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

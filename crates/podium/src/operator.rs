@@ -25,6 +25,9 @@ pub struct OperatorConfig {
     pub watch_namespace: Option<String>,
     /// `None` runs without operator leader election (a single replica).
     pub election: Option<ElectionConfig>,
+    /// The operator's own ServiceAccount (`namespace`, `name`), whose tokens sign role
+    /// notifications; `None` sends none.
+    pub service_account: Option<(String, String)>,
 }
 
 /// A running operator; [`Operator::stop`] shuts it down gracefully.
@@ -140,6 +143,7 @@ impl Operator {
             Options {
                 namespace: config.watch_namespace.clone(),
                 watch_nodes,
+                service_account: config.service_account.clone(),
             },
             metrics.clone(),
             leading.clone(),

@@ -174,6 +174,8 @@ pub fn keep_election_fields(pod: &mut Pod) {
     });
     pod.status = pod.status.take().map(|status| PodStatus {
         phase: status.phase,
+        // Where role notifications go.
+        pod_ip: status.pod_ip,
         conditions: status
             .conditions
             .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),

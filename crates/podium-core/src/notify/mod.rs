@@ -7,8 +7,10 @@
 //!   only once the command has stopped.
 //! - [`activation`]: the operator's side: when a newly elected pod may be told `leader`
 //!   (break-before-make at the process level).
+//! - [`plan`]: what the operator sends to one group's pods now, and when it looks again.
 pub mod activation;
 pub mod message;
+pub mod plan;
 pub mod receiver;
 
 pub use activation::{Activation, Link, Other, decide as decide_activation, drift_margin_millis};

@@ -79,6 +79,19 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     for write in writes.strips.iter().chain(&unfence) {
         labels::apply(&pods, write, &name).await?;
     }
+    ctx.notifier.update(crate::notify::GroupUpdate {
+        key: (namespace.clone(), name.clone()),
+        notify: None,
+        leader: None,
+        epoch: group
+            .status
+            .as_ref()
+            .and_then(|s| s.epoch)
+            .unwrap_or_default()
+            .max(0) as u64,
+        term: Duration::from_secs(group.spec.lease_duration_seconds.clamp(2, 3600) as u64),
+        targets: Vec::new(),
+    });
     ctx.metrics.group_removed(&namespace, &name);
     ctx.memory.forget(&(namespace, name));
     Ok(Action::await_change())

@@ -52,6 +52,7 @@ pub struct Context {
     pub nodes: Option<Store<Node>>,
     pub leases: Store<Lease>,
     pub events: crate::events::Events,
+    pub notifier: crate::notify::Notifier,
     pub metrics: Arc<Metrics>,
     /// Whether this replica holds the operator Lease; only the holder writes.
     pub leading: watch::Receiver<bool>,
@@ -236,5 +237,6 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
     }
     let failover_took = result?;
     report::decided(ctx, group, &observed, &decision, failover_took, now).await?;
+    report::notify(ctx, group, &observed, &decision);
     Ok(Action::requeue(decision.requeue_after))
 }

@@ -16,6 +16,35 @@ use crate::error::{Error, Result};
 use crate::status;
 
 /// After a decision was applied: metrics, and the status when it changed.
+/// Hands the group's state to the notifier: the label writes are done, so the roles it pushes
+/// follow them.
+pub fn notify(
+    ctx: &Context,
+    group: &ElectionGroup,
+    observed: &Observation<'_>,
+    decision: &Decision,
+) {
+    let Ok(namespace) = group.namespace().ok_or(Error::MissingObjectKey) else {
+        return;
+    };
+    ctx.notifier.update(crate::notify::GroupUpdate {
+        key: (namespace, group.name_any()),
+        notify: group.spec.notify.clone(),
+        leader: decision.leader.clone(),
+        epoch: decision.epoch.max(0) as u64,
+        term: Duration::from_secs(group.spec.lease_duration_seconds.clamp(2, 3600) as u64),
+        targets: observed
+            .members
+            .iter()
+            .chain(&observed.strays)
+            .map(|m| crate::notify::Target {
+                name: m.name.clone(),
+                uid: m.uid.clone(),
+            })
+            .collect(),
+    });
+}
+
 pub async fn decided(
     ctx: &Context,
     group: &ElectionGroup,

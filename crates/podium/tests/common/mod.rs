@@ -67,6 +67,7 @@ pub async fn start_operator(
         http_addr: None,
         watch_namespace: Some(ns.to_string()),
         election,
+        service_account: None,
     };
     let operator = Operator::start(client, config)
         .await
@@ -82,6 +83,7 @@ pub async fn start_connected_operator(ns: &str, http_addr: std::net::SocketAddr)
         http_addr: Some(http_addr),
         watch_namespace: Some(ns.to_string()),
         election: None,
+        service_account: None,
     };
     let kube_config = podium_testkit::testbed::Testbed::shared().config();
     let operator = Operator::connect(kube_config, config)

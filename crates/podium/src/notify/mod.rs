@@ -1,0 +1,501 @@
+//! Role notifications for groups with `spec.notify`: after each reconcile the group's state goes
+//! to a task of its own, which tells every member its role over HTTP, renews the leader's term,
+//! and activates a new leader only once its predecessor has stopped ([`podium_core::notify`]).
+//! Sends never hold a reconcile: updates go through a bounded queue, and each send is a task
+//! of its own, at most one per pod in flight.
+//!
+//! Only the replica that holds the operator claim sends, checked before each send; a replica
+//! that (re)gains it starts from nothing, and activates nobody new for one term (see
+//! `activation::decide`'s `since`).
+
+mod send;
+mod token;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::{mpsc, watch};
+
+use podium_core::crd::NotifySpec;
+use podium_core::election::Holder;
+use podium_core::notify::plan::{self, Delivered, GroupView, PodView};
+use podium_core::notify::{Ack, Link, NotifyRole, RoleMessage};
+
+pub use send::SendError;
+pub use token::TokenSource;
+
+use crate::metrics::Metrics;
+
+/// Group updates waiting for the notifier, at most; more means the notifier cannot keep up,
+/// and a dropped update is repeated by the group's next reconcile.
+const QUEUE: usize = 4096;
+/// Sends in flight at once, over all groups.
+const MAX_IN_FLIGHT: usize = 256;
+/// Backoff after a failed or refused send: 0, 50, 100, 200 ms, ... up to 2 s.
+const BACKOFF_STEP: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+pub type GroupKey = (String, String);
+
+/// One pod the group's messages go to: a member, or a former member that may still run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub uid: String,
+}
+
+/// A group's state after a reconcile.
+#[derive(Clone, Debug)]
+pub struct GroupUpdate {
+    pub key: GroupKey,
+    /// `None`: the group is gone or no longer asks for notifications. Its pods are told
+    /// `follower` until each has stopped or timed out.
+    pub notify: Option<NotifySpec>,
+    pub leader: Option<Holder>,
+    pub epoch: u64,
+    pub term: Duration,
+    pub targets: Vec<Target>,
+}
+
+/// The handle reconciles use.
+#[derive(Clone)]
+pub struct Notifier {
+    updates: mpsc::Sender<GroupUpdate>,
+    /// Groups the notifier serves, so that a group without `spec.notify` costs nothing unless
+    /// it just dropped it.
+    known: Arc<Mutex<HashSet<GroupKey>>>,
+}
+
+impl Notifier {
+    /// Starts the notifier task. `tokens` is `None` when the operator has no ServiceAccount to
+    /// sign with; groups asking for notifications then get a warning and nothing is sent.
+    pub fn start(
+        pods: Store<Pod>,
+        tokens: Option<TokenSource>,
+        leading: watch::Receiver<bool>,
+        claim: watch::Receiver<crate::ha::Claim>,
+        metrics: Arc<Metrics>,
+    ) -> Notifier {
+        let (updates, queued) = mpsc::channel(QUEUE);
+        let known = Arc::new(Mutex::new(HashSet::new()));
+        let task = Task {
+            pods,
+            tokens: tokens.map(Arc::new),
+            leading,
+            claim,
+            metrics,
+            sender: send::Sender::default(),
+            origin: Instant::now(),
+            since: 0,
+            groups: HashMap::new(),
+            in_flight: 0,
+            known: known.clone(),
+        };
+        tokio::spawn(task.run(queued));
+        Notifier { updates, known }
+    }
+
+    /// Hands the group's new state to the notifier; never waits.
+    pub fn update(&self, update: GroupUpdate) {
+        {
+            let mut known = self.known.lock().expect("notifier set poisoned");
+            if update.notify.is_some() {
+                known.insert(update.key.clone());
+            } else if !known.remove(&update.key) {
+                return;
+            }
+        }
+        if let Err(e) = self.updates.try_send(update) {
+            tracing::warn!(error = %e, "notification queue full; the group's next reconcile repeats it");
+        }
+    }
+}
+
+struct PodState {
+    uid: String,
+    member: bool,
+    link: Link,
+    nonce: Option<String>,
+    delivered: Option<Delivered>,
+    busy: bool,
+    failures: u32,
+    retry_at: u64,
+}
+
+struct GroupState {
+    notify: Option<NotifySpec>,
+    /// The spec of the last update that had one: former members are still told `follower`
+    /// after the group dropped `spec.notify` or went away.
+    address: NotifySpec,
+    leader: Option<Holder>,
+    epoch: u64,
+    term_millis: u64,
+    pods: BTreeMap<String, PodState>,
+    wake_at: Option<u64>,
+    /// When the leader was last seen pending, to report how long its activation waited.
+    pending_since: Option<u64>,
+}
+
+struct Answer {
+    key: GroupKey,
+    pod: String,
+    role: NotifyRole,
+    epoch: u64,
+    result: Result<Ack, SendError>,
+    took: Duration,
+}
+
+struct Task {
+    pods: Store<Pod>,
+    tokens: Option<Arc<TokenSource>>,
+    leading: watch::Receiver<bool>,
+    claim: watch::Receiver<crate::ha::Claim>,
+    metrics: Arc<Metrics>,
+    sender: send::Sender,
+    origin: Instant,
+    since: u64,
+    groups: HashMap<GroupKey, GroupState>,
+    in_flight: usize,
+    known: Arc<Mutex<HashSet<GroupKey>>>,
+}
+
+impl Task {
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut updates: mpsc::Receiver<GroupUpdate>) {
+        let (answers_tx, mut answers) = mpsc::channel::<Answer>(MAX_IN_FLIGHT);
+        let mut was_leading = *self.leading.borrow();
+        self.since = self.now();
+        loop {
+            let wake = self
+                .groups
+                .values()
+                .filter_map(|g| g.wake_at)
+                .min()
+                .map(|at| self.origin + Duration::from_millis(at));
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let touched: Vec<GroupKey> = tokio::select! {
+                update = updates.recv() => match update {
+                    Some(update) => {
+                        let key = update.key.clone();
+                        self.take(update);
+                        vec![key]
+                    }
+                    None => return,
+                },
+                Some(answer) = answers.recv() => {
+                    self.in_flight -= 1;
+                    let key = answer.key.clone();
+                    self.answered(answer);
+                    // A freed slot may let another group send.
+                    if self.in_flight + 1 == MAX_IN_FLIGHT { self.groups.keys().cloned().collect() } else { vec![key] }
+                }
+                changed = self.leading.changed() => {
+                    if changed.is_err() { return; }
+                    let leading = *self.leading.borrow_and_update();
+                    if leading != was_leading {
+                        was_leading = leading;
+                        // Whatever this replica knew may be stale by now: start from nothing.
+                        self.groups.clear();
+                        self.known.lock().expect("notifier set poisoned").clear();
+                        self.since = self.now();
+                    }
+                    Vec::new()
+                }
+                _ = sleep => {
+                    let now = self.now();
+                    self.groups
+                        .iter()
+                        .filter(|(_, g)| g.wake_at.is_some_and(|at| at <= now))
+                        .map(|(k, _)| k.clone())
+                        .collect()
+                }
+            };
+            for key in touched {
+                self.drive(&key, &answers_tx);
+            }
+        }
+    }
+
+    fn take(&mut self, update: GroupUpdate) {
+        let now = self.now();
+        let group = self
+            .groups
+            .entry(update.key.clone())
+            .or_insert_with(|| GroupState {
+                notify: None,
+                address: update.notify.clone().unwrap_or(NotifySpec {
+                    port: podium_core::crd::DEFAULT_NOTIFY_PORT,
+                    path: podium_core::crd::DEFAULT_NOTIFY_PATH.into(),
+                }),
+                leader: None,
+                epoch: 0,
+                term_millis: 0,
+                pods: BTreeMap::new(),
+                wake_at: Some(now),
+                pending_since: None,
+            });
+        if let Some(spec) = &update.notify {
+            group.address = spec.clone();
+        } else if group.notify.is_some() {
+            tracing::info!(group = %update.key.1, namespace = %update.key.0, "notifications off; telling the members to stop");
+        }
+        group.notify = update.notify;
+        group.leader = if group.notify.is_some() {
+            update.leader
+        } else {
+            None
+        };
+        // The epoch never goes back: a stale update must not reopen an older epoch.
+        group.epoch = group.epoch.max(update.epoch);
+        group.term_millis = update.term.as_millis() as u64;
+        for pod in group.pods.values_mut() {
+            pod.member = false;
+        }
+        for target in update.targets {
+            let pod = group.pods.entry(target.name).or_insert_with(|| PodState {
+                uid: target.uid.clone(),
+                member: true,
+                link: Link::default(),
+                nonce: None,
+                delivered: None,
+                busy: false,
+                failures: 0,
+                retry_at: 0,
+            });
+            if pod.uid != target.uid {
+                // Recreated under the same name: a new process with no state of ours.
+                *pod = PodState {
+                    uid: target.uid,
+                    member: true,
+                    link: Link::default(),
+                    nonce: None,
+                    delivered: None,
+                    busy: pod.busy,
+                    failures: 0,
+                    retry_at: 0,
+                };
+            }
+            pod.member = true;
+        }
+        group.wake_at = Some(now);
+    }
+
+    fn answered(&mut self, answer: Answer) {
+        let now = self.now();
+        let Some(group) = self.groups.get_mut(&answer.key) else {
+            return;
+        };
+        let Some(pod) = group.pods.get_mut(&answer.pod) else {
+            return;
+        };
+        pod.busy = false;
+        match answer.result {
+            Ok(ack) => {
+                pod.link.answered(now, ack.epoch, ack.running);
+                pod.nonce = Some(ack.nonce);
+                if ack.accepted {
+                    self.metrics.notify_sent("accepted", answer.took);
+                    pod.failures = 0;
+                    pod.retry_at = 0;
+                    pod.delivered = Some(Delivered {
+                        role: answer.role,
+                        epoch: answer.epoch,
+                        at: now,
+                    });
+                    if answer.role == NotifyRole::Leader
+                        && let Some(waited) = group.pending_since.take()
+                    {
+                        self.metrics
+                            .notify_activated(Duration::from_millis(now - waited));
+                        tracing::info!(group = %answer.key.1, pod = %answer.pod, epoch = answer.epoch, waited_ms = now - waited, "leader process activated");
+                    }
+                } else {
+                    self.metrics.notify_sent("refused", answer.took);
+                    tracing::debug!(group = %answer.key.1, pod = %answer.pod, reason = ?ack.reason, "notification refused");
+                    pod.retry_at = now + backoff(pod.failures);
+                    pod.failures += 1;
+                }
+            }
+            Err(e) => {
+                self.metrics.notify_sent(e.kind(), answer.took);
+                if pod.failures == 0 {
+                    tracing::info!(group = %answer.key.1, pod = %answer.pod, error = %e, "notification failed; retrying with backoff");
+                }
+                pod.retry_at = now + backoff(pod.failures);
+                pod.failures += 1;
+            }
+        }
+    }
+
+    /// Plans the group and starts its sends.
+    fn drive(&mut self, key: &GroupKey, answers: &mpsc::Sender<Answer>) {
+        let now = self.now();
+        let since = self.since;
+        let Some(group) = self.groups.get_mut(key) else {
+            return;
+        };
+        let addresses: Vec<(Option<String>, bool)> = group
+            .pods
+            .iter()
+            .map(|(name, pod)| {
+                let cached = self.pods.get(&ObjectRef::new(name).within(&key.0));
+                let gone = cached
+                    .as_ref()
+                    .is_none_or(|p| p.uid().as_deref() != Some(pod.uid.as_str()));
+                let ip = cached.and_then(|p| p.status.as_ref().and_then(|s| s.pod_ip.clone()));
+                (ip, gone)
+            })
+            .collect();
+        let view = GroupView {
+            leader: group.leader.as_ref().map(|h| h.name.as_str()),
+            epoch: group.epoch,
+            term_millis: group.term_millis,
+            since,
+            now,
+            pods: group
+                .pods
+                .iter()
+                .zip(&addresses)
+                .map(|((name, pod), (ip, gone))| PodView {
+                    name,
+                    gone: *gone,
+                    reachable: ip.is_some(),
+                    busy: pod.busy,
+                    link: pod.link,
+                    delivered: pod.delivered,
+                    retry_at: pod.retry_at,
+                })
+                .collect(),
+        };
+        let planned = plan::plan(&view);
+        if matches!(
+            planned.activation,
+            Some(podium_core::notify::Activation::Wait { .. })
+        ) {
+            group.pending_since.get_or_insert(now);
+        }
+        let forget: Vec<String> = view
+            .pods
+            .iter()
+            .filter(|p| {
+                !group.pods[p.name].member
+                    && plan::forgettable(p, group.epoch, now, since, group.term_millis)
+            })
+            .map(|p| p.name.to_string())
+            .collect();
+        let names: Vec<String> = group.pods.keys().cloned().collect();
+        group.wake_at = planned.wake_at;
+        let mut deferred = false;
+        for (index, role) in planned.sends {
+            let name = &names[index];
+            let Some(ip) = addresses[index].0.clone() else {
+                continue;
+            };
+            if self.in_flight >= MAX_IN_FLIGHT || !self.claim.borrow().is_current() {
+                deferred = true;
+                continue;
+            }
+            let pod = group.pods.get_mut(name).expect("planned pods exist");
+            pod.busy = true;
+            self.in_flight += 1;
+            let message = RoleMessage {
+                group: format!("{}/{}", key.0, key.1),
+                pod: name.clone(),
+                role,
+                leader: group.leader.as_ref().map(|h| h.name.clone()),
+                epoch: group.epoch,
+                term_millis: group.term_millis,
+                nonce: pod.nonce.clone(),
+            };
+            let url = format!(
+                "http://{}:{}{}",
+                bracket_v6(&ip),
+                group.address.port,
+                group.address.path
+            );
+            let sender = self.sender.clone();
+            let tokens = self.tokens.clone();
+            let answers = answers.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = match tokens {
+                    Some(tokens) => match tokens.token().await {
+                        Ok(token) => sender.send(&url, &token, &message).await,
+                        Err(e) => Err(SendError::Unreachable(format!("cannot get a token to sign with: {e}"))),
+                    },
+                    None => Err(SendError::Unreachable("the operator has no ServiceAccount to sign notifications with (--service-account)".into())),
+                };
+                let _ = answers
+                    .send(Answer {
+                        key,
+                        pod: message.pod,
+                        role,
+                        epoch: message.epoch,
+                        result,
+                        took: started.elapsed(),
+                    })
+                    .await;
+            });
+        }
+        if deferred {
+            let retry = now + BACKOFF_STEP.as_millis() as u64;
+            group.wake_at = Some(group.wake_at.map_or(retry, |w| w.min(retry)));
+        }
+        for name in forget {
+            if !group.pods[&name].busy {
+                group.pods.remove(&name);
+            }
+        }
+        if group.notify.is_none() && group.pods.is_empty() {
+            self.groups.remove(key);
+        }
+    }
+}
+
+fn backoff(failures: u32) -> u64 {
+    if failures == 0 {
+        return 0;
+    }
+    let step = BACKOFF_STEP.as_millis() as u64;
+    (step << (failures - 1).min(10)).min(BACKOFF_MAX.as_millis() as u64)
+}
+
+fn bracket_v6(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_at_once_and_is_capped() {
+        assert_eq!(backoff(0), 0);
+        assert_eq!(backoff(1), 50);
+        assert_eq!(backoff(3), 200);
+        assert_eq!(backoff(30), 2_000);
+    }
+
+    #[test]
+    fn ipv6_pod_addresses_are_bracketed() {
+        assert_eq!(bracket_v6("10.0.0.1"), "10.0.0.1");
+        assert_eq!(bracket_v6("fd00::1"), "[fd00::1]");
+    }
+}
