@@ -18,6 +18,7 @@ pub mod counting;
 pub mod faults;
 pub mod fixture;
 pub mod intercept;
+pub mod leader_process;
 pub mod observe;
 pub mod pod;
 pub mod prometheus;

@@ -1,0 +1,340 @@
+//! Pods that run real processes: each pod gets a loopback IP of its own (127.x.y.z), and a
+//! real `podium exec` process listens on it with a shell command as its leader-only work. The
+//! command appends `start` and `stop` lines to a log shared by all pods, which
+//! [`overlaps`] reads back. This plays the kubelet's part for those pods: a deleted pod's
+//! process is stopped (SIGTERM) before its deletion is finalised, as a kubelet stops containers.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use crate::testbed::kubelet::{bind_pod, create_node, finalize_deletion, set_pod_running_ready};
+
+/// The port `podium exec` listens on in these pods (its default).
+pub const NOTIFY_PORT: u16 = 8787;
+/// The ServiceAccount whose tokens sign the notifications in these tests.
+pub const OPERATOR_ACCOUNT: &str = "podium";
+
+/// A loopback subnet (127.N.0.0/16) no other call in this process has used, so that tests
+/// running at once do not share addresses.
+fn next_subnet() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // 127.0.0.0/16 holds the API server and the rest of the testbed.
+    let pid_part = std::process::id() % 100;
+    100 + (pid_part + NEXT.fetch_add(1, Ordering::Relaxed) * 100) % 150
+}
+
+/// One pod and the `podium exec` process "in" it.
+pub struct ProcessPod {
+    pub name: String,
+    pub ip: String,
+    process: Option<Child>,
+}
+
+impl ProcessPod {
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Child::id)
+    }
+}
+
+pub struct ProcessPods {
+    client: Client,
+    namespace: String,
+    group: String,
+    node: String,
+    podium: PathBuf,
+    kubeconfig: PathBuf,
+    dir: PathBuf,
+    subnet: u32,
+    next_host: u32,
+    pub pods: BTreeMap<String, ProcessPod>,
+}
+
+impl ProcessPods {
+    /// Prepares `namespace` for pods of group `group` labelled `app=<app>`: a Ready node, and
+    /// the ServiceAccount [`OPERATOR_ACCOUNT`] whose tokens the operator signs with.
+    pub async fn new(
+        client: &Client,
+        namespace: &str,
+        group: &str,
+        podium: &Path,
+        kubeconfig: &Path,
+        dir: &Path,
+    ) -> Result<ProcessPods> {
+        let node = format!("node-{namespace}");
+        create_node(client, &node).await?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+        let account: ServiceAccount =
+            serde_json::from_value(json!({ "metadata": { "name": OPERATOR_ACCOUNT } }))?;
+        match accounts.create(&PostParams::default(), &account).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(e).context("creating the operator's ServiceAccount"),
+        }
+        Ok(ProcessPods {
+            client: client.clone(),
+            namespace: namespace.into(),
+            group: group.into(),
+            node,
+            podium: podium.into(),
+            kubeconfig: kubeconfig.into(),
+            dir: dir.into(),
+            subnet: next_subnet(),
+            next_host: 1,
+            pods: BTreeMap::new(),
+        })
+    }
+
+    /// The shared log of starts and stops.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("leader-work.log")
+    }
+
+    /// The token subject `podium exec` expects.
+    pub fn operator_subject(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{OPERATOR_ACCOUNT}",
+            self.namespace
+        )
+    }
+
+    /// Creates pod `name` (label `app=<app>`), starts its `podium exec`, and reports it
+    /// Running and Ready on its loopback IP once the process listens.
+    pub async fn start(&mut self, name: &str, app: &str) -> Result<()> {
+        let host = self.next_host;
+        self.next_host += 1;
+        let ip = format!("127.{}.{}.{}", self.subnet, host / 250, host % 250 + 1);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": { "app": app } },
+            "spec": { "containers": [{ "name": "app", "image": "app" }] },
+        }))?;
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .with_context(|| format!("creating pod {name}"))?;
+        bind_pod(&self.client, &self.namespace, name, &self.node).await?;
+        let log = self.log();
+        let work = format!(
+            "echo \"start $POD_NAME $PODIUM_EPOCH $(date +%s%N)\" >> {log}; \
+             trap 'echo \"stop $POD_NAME $PODIUM_EPOCH $(date +%s%N)\" >> {log}; exit 0' TERM; \
+             while :; do sleep 0.01; done",
+            log = log.display()
+        );
+        let output = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))?;
+        let process = Command::new(&self.podium)
+            .args([
+                "exec",
+                "--listen",
+                &format!("{ip}:{NOTIFY_PORT}"),
+                "--pod",
+                name,
+            ])
+            .args(["--group", &format!("{}/{}", self.namespace, self.group)])
+            .args([
+                "--operator",
+                &self.operator_subject(),
+                "--grace",
+                "5s",
+                "--",
+            ])
+            .args(["sh", "-c", &work])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("POD_NAME", name)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(output.try_clone()?)
+            .stderr(output)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting podium exec")?;
+        self.pods.insert(
+            name.into(),
+            ProcessPod {
+                name: name.into(),
+                ip: ip.clone(),
+                process: Some(process),
+            },
+        );
+        wait_listening(&ip, NOTIFY_PORT).await?;
+        set_pod_running_ready(&self.client, &self.namespace, name, &ip).await?;
+        Ok(())
+    }
+
+    /// Stops pod `name`'s process as a kubelet stops a container (SIGTERM, then its exit).
+    pub async fn stop_process(&mut self, name: &str) -> Result<()> {
+        let Some(pod) = self.pods.get_mut(name) else {
+            bail!("no pod {name}")
+        };
+        let Some(mut process) = pod.process.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = process.id() {
+            signal(pid, "TERM")?;
+        }
+        tokio::time::timeout(Duration::from_secs(15), process.wait())
+            .await
+            .with_context(|| {
+                format!("podium exec in {name} did not exit within 15 s of SIGTERM")
+            })??;
+        Ok(())
+    }
+
+    /// Deletes pod `name` as a kubelet sees it: the delete, then its process stopped, then the
+    /// deletion finalised.
+    pub async fn delete(&mut self, name: &str) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        pods.delete(name, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting {name}"))?;
+        self.stop_process(name).await?;
+        finalize_deletion(&self.client, &self.namespace, name).await
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) pod `name`'s `podium exec` and its command, as a
+    /// paused VM or a stuck node would.
+    pub fn freeze(&self, name: &str, frozen: bool) -> Result<()> {
+        let pid = self
+            .pods
+            .get(name)
+            .and_then(ProcessPod::pid)
+            .context("no running process")?;
+        let signal_name = if frozen { "STOP" } else { "CONT" };
+        // The command's shell and its sleeps are the exec's descendants.
+        let status = std::process::Command::new("pkill")
+            .args([&format!("-{signal_name}"), "-P", &pid.to_string()])
+            .status()?;
+        let _ = status;
+        signal(pid, signal_name)
+    }
+}
+
+impl Drop for ProcessPods {
+    fn drop(&mut self) {
+        for pod in self.pods.values_mut() {
+            if let Some(process) = pod.process.as_mut()
+                && let Some(pid) = process.id()
+            {
+                let _ = signal(pid, "CONT");
+                let _ = signal(pid, "TERM");
+            }
+        }
+    }
+}
+
+fn signal(pid: u32, name: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
+}
+
+async fn wait_listening(ip: &str, port: u16) -> Result<()> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect((ip, port)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!("podium exec did not listen on {ip}:{port} within 5 s")
+}
+
+/// One run of leader-only work as its log shows it; `stop` is `None` while it runs (or if it
+/// was killed before it could write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Work {
+    pub pod: String,
+    pub epoch: u64,
+    pub start_ns: u128,
+    pub stop_ns: Option<u128>,
+}
+
+/// The runs in a log of `start POD EPOCH NANOS` and `stop POD EPOCH NANOS` lines.
+pub fn runs(log: &str) -> Result<Vec<Work>> {
+    let mut runs: Vec<Work> = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [kind, pod, epoch, nanos] = fields[..] else {
+            bail!("bad log line {line:?}")
+        };
+        let epoch: u64 = epoch
+            .parse()
+            .with_context(|| format!("epoch in {line:?}"))?;
+        let nanos: u128 = nanos.parse().with_context(|| format!("time in {line:?}"))?;
+        match kind {
+            "start" => runs.push(Work {
+                pod: pod.into(),
+                epoch,
+                start_ns: nanos,
+                stop_ns: None,
+            }),
+            "stop" => {
+                let Some(run) = runs
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.pod == pod && r.epoch == epoch && r.stop_ns.is_none())
+                else {
+                    bail!("stop without a start: {line:?}");
+                };
+                run.stop_ns = Some(nanos);
+            }
+            _ => bail!("bad log line {line:?}"),
+        }
+    }
+    runs.sort_by_key(|r| r.start_ns);
+    Ok(runs)
+}
+
+/// Every pair of runs that overlapped in time: a run that has not stopped lasts forever.
+pub fn overlaps(runs: &[Work]) -> Vec<(Work, Work)> {
+    let mut found = Vec::new();
+    for (i, a) in runs.iter().enumerate() {
+        for b in &runs[i + 1..] {
+            if a.stop_ns.is_none_or(|stop| stop >= b.start_ns) {
+                found.push((a.clone(), b.clone()));
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlaps_are_found_and_handovers_are_not() {
+        let log = "start a 1 100\nstop a 1 200\nstart b 2 201\nstop b 2 300\nstart c 3 250\n";
+        let runs = runs(log).unwrap();
+        assert_eq!(runs.len(), 3);
+        let found = overlaps(&runs);
+        assert_eq!(found.len(), 1);
+        assert_eq!(
+            (found[0].0.pod.as_str(), found[0].1.pod.as_str()),
+            ("b", "c")
+        );
+        assert!(overlaps(&runs[..2]).is_empty());
+    }
+
+    #[test]
+    fn a_run_that_never_stopped_overlaps_everything_after_it() {
+        let runs = runs("start a 1 100\nstart b 2 500\nstop b 2 600\n").unwrap();
+        assert_eq!(overlaps(&runs).len(), 1);
+        assert!(super::runs("stop a 1 5\n").is_err());
+        assert!(super::runs("start a x 5\n").is_err());
+    }
+}
