@@ -99,9 +99,13 @@ fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) ->
 }
 
 fn message(role: &str, epoch: u64, nonce: Option<&str>) -> String {
+    message_with_term(role, epoch, nonce, 60_000)
+}
+
+fn message_with_term(role: &str, epoch: u64, nonce: Option<&str>, term_millis: u64) -> String {
     json!({
         "group": "ns/g", "pod": "p0", "role": role, "leader": "p0",
-        "epoch": epoch, "termMillis": 60_000, "nonce": nonce,
+        "epoch": epoch, "termMillis": term_millis, "nonce": nonce,
     })
     .to_string()
 }
@@ -209,7 +213,9 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
             "--",
             "sh",
             "-c",
-            "echo \"started $PODIUM_EPOCH $PODIUM_GROUP\" >> \"$LOG\"; exec sleep 1000",
+            // At epoch 5 the command gives up at once.
+            "echo \"started $PODIUM_EPOCH $PODIUM_GROUP\" >> \"$LOG\"; \
+             if [ \"$PODIUM_EPOCH\" = 5 ]; then exit 2; fi; exec sleep 1000",
         ])
         .kill_on_drop(true)
         .spawn()
@@ -303,6 +309,50 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
         (Some(false), Some(false))
     );
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "started 3 ns/g\n");
+
+    // Leading at epoch 5, the command exits on its own: /readyz turns 503 so that the
+    // readiness probe hands leadership on; a demotion clears it.
+    let nonce = ack["nonce"].as_str().unwrap().to_string();
+    let (status, body) = send(Some(good.clone()), message("leader", 5, Some(&nonce)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut ready = 200;
+    for _ in 0..100 {
+        ready = http(port, "GET", "/readyz", None, "").0;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, 503, "/readyz once the command gave up");
+    let (status, body) = send(Some(good.clone()), message("follower", 6, None))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http(port, "GET", "/readyz", None, "").0, 200);
+
+    // A term of 1.5 s with no renewal: the command stops on its own clock.
+    let ack: Value = serde_json::from_str(&body).unwrap();
+    let nonce = ack["nonce"].as_str().unwrap().to_string();
+    let (status, body) = send(
+        Some(good.clone()),
+        message_with_term("leader", 7, Some(&nonce), 1_500),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let role: Value = serde_json::from_str(&http(port, "GET", "/role", None, "").1).unwrap();
+    assert_eq!(role["running"].as_bool(), Some(true), "{role}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let role: Value = serde_json::from_str(&http(port, "GET", "/role", None, "").1).unwrap();
+    println!("/role after the term: {role}");
+    assert_eq!(role["running"].as_bool(), Some(false), "{role}");
+    assert_eq!(role["leadingEpoch"], Value::Null, "{role}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "started 3 ns/g\nstarted 5 ns/g\nstarted 7 ns/g\n"
+    );
 
     // SIGTERM: podium exec exits 0.
     let pid = exec.id().unwrap() as i32;

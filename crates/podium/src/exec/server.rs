@@ -215,9 +215,10 @@ impl Exec {
                 }
             }
             let mut inner = self.inner.lock().await;
+            let epoch = inner.receiver.leading_epoch();
             if inner.receiver.tick(self.now()) == Command::Stop {
                 tracing::warn!(
-                    epoch = inner.receiver.leading_epoch().unwrap_or_default(),
+                    epoch = epoch.unwrap_or_default(),
                     "the term ended without a renewal from the operator: stopping the command"
                 );
                 self.view().role = None;
