@@ -35,6 +35,8 @@ pub enum Command {
     Switchover(SwitchoverArgs),
     /// Show groups: leader, epoch, members, the last change and conditions (also `kubectl podium status`).
     Status(StatusArgs),
+    /// Run CMD only while this pod leads: `podium exec [FLAGS] -- CMD [ARGS...]` (in your app's image).
+    Exec(crate::exec::ExecArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -9,12 +9,14 @@
 //! - [`operator`], [`ha`], [`http`], [`metrics`], [`client_metrics`], [`telemetry`], [`cli`]:
 //!   running it.
 //! - [`ctl`]: `podium switchover` and `podium status` (also as `kubectl podium`).
+//! - [`exec`]: `podium exec -- CMD`, run in a member pod: CMD runs only while the pod leads.
 pub mod cli;
 pub mod client_metrics;
 pub mod controller;
 pub mod ctl;
 pub mod error;
 pub mod events;
+pub mod exec;
 pub mod ha;
 pub mod http;
 pub mod index;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use podium::cli::{Cli, Command, RunArgs};
-use podium::{crd, ctl, operator, telemetry};
+use podium::{crd, ctl, exec, operator, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -17,6 +17,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Switchover(args) => ctl::switchover::run(ctl::client().await?, &args).await,
         Command::Status(args) => ctl::show::run(ctl::client().await?, &args).await,
+        Command::Exec(args) => {
+            telemetry::init(args.log_format, "info");
+            exec::run(args).await.map_err(anyhow::Error::from)
+        }
         Command::Run(args) => {
             telemetry::init(args.log_format, "info,kube_runtime=warn");
             let kube_config = kube::Config::infer().await.map_err(|e| {

@@ -1,0 +1,313 @@
+//! `podium exec -- CMD [ARGS...]`: runs CMD only while this pod leads.
+//!
+//! - Push mode (the default): the operator POSTs signed role messages ([`server`]); CMD runs
+//!   for a term on this process's own clock from a nonce it issued, a renewal extends the term,
+//!   and a demotion is answered only once CMD has exited. Tokens are checked by [`verify`],
+//!   the command is run by [`child`].
+//! - Downward API mode (`--labels-file`): CMD runs while the pod's role label says `leader`
+//!   ([`labels`]). No term and no acknowledged demotion: a pod cut off from the API server
+//!   keeps running CMD.
+pub mod child;
+pub mod labels;
+pub mod server;
+pub mod verify;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use thiserror::Error;
+
+use crate::telemetry::LogFormat;
+
+/// The operator's ServiceAccount in the Helm chart's default install.
+pub const DEFAULT_OPERATOR: &str = "system:serviceaccount:podium-system:podium";
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "CMD gets PODIUM_ROLE=leader, PODIUM_EPOCH and PODIUM_GROUP in its environment. \
+                  It is stopped (SIGTERM to its process group, SIGKILL after --grace) when the pod \
+                  is demoted, when its term runs out without a renewal from the operator, and when \
+                  podium exec itself gets SIGTERM or SIGINT.\n\n\
+                  GET /readyz answers 503 once CMD exited on its own while the pod leads, so a \
+                  readiness probe on it hands leadership to another pod. GET /role shows the state."
+)]
+pub struct ExecArgs {
+    /// Address to listen on for the operator's role messages, /readyz and /role.
+    #[arg(long, env = "PODIUM_LISTEN", default_value = "0.0.0.0:8787")]
+    pub listen: SocketAddr,
+
+    /// Path the operator POSTs role messages to.
+    #[arg(long, env = "PODIUM_NOTIFY_PATH", default_value = "/podium/notify", value_parser = parse_path)]
+    pub path: String,
+
+    /// This pod's name; messages for any other pod are refused.
+    #[arg(long, env = "POD_NAME", required_unless_present = "labels_file")]
+    pub pod: Option<String>,
+
+    /// Only take messages for this ElectionGroup, as NAMESPACE/NAME [default: any group].
+    #[arg(long, env = "PODIUM_GROUP_NAME", value_parser = parse_group)]
+    pub group: Option<String>,
+
+    /// The token subject the operator's messages must carry (its ServiceAccount).
+    #[arg(long, env = "PODIUM_OPERATOR", default_value = DEFAULT_OPERATOR)]
+    pub operator: String,
+
+    /// How long CMD may take to exit after SIGTERM before it gets SIGKILL (e.g. 10s, 500ms, 1m).
+    #[arg(long, env = "PODIUM_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// How often to refetch the cluster's token keys (/openid/v1/jwks); also refetched when a
+    /// token names an unknown key.
+    #[arg(long, env = "PODIUM_JWKS_REFRESH", default_value = "5m", value_parser = parse_refresh)]
+    pub jwks_refresh: Duration,
+
+    /// Downward API mode: follow the pod's role label in this file (the kubelet's Downward API
+    /// `metadata.labels` file) instead of listening for the operator. No term, no acknowledged
+    /// demotion.
+    #[arg(long, env = "PODIUM_LABELS_FILE")]
+    pub labels_file: Option<PathBuf>,
+
+    /// Downward API mode: the pod's `metadata.annotations` file, for PODIUM_EPOCH.
+    #[arg(long, env = "PODIUM_ANNOTATIONS_FILE", requires = "labels_file")]
+    pub annotations_file: Option<PathBuf>,
+
+    /// Log format; RUST_LOG sets levels (default info).
+    #[arg(long, env = "PODIUM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// The command to run while this pod leads, after `--`.
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Error, Debug)]
+pub enum ExecError {
+    #[error(
+        "cannot build a Kubernetes client (for the cluster's token keys) from KUBECONFIG or the in-cluster config: {0}"
+    )]
+    KubeConfig(#[source] kube::config::InferConfigError),
+    #[error("cannot build a Kubernetes client: {0}")]
+    KubeClient(#[source] kube::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch for SIGTERM: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs `podium exec` until SIGTERM or SIGINT; then stops CMD and returns.
+pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
+    if let Some(labels_file) = &args.labels_file {
+        return labels::run(labels::Options {
+            labels_file: labels_file.clone(),
+            annotations_file: args.annotations_file.clone(),
+            argv: args.command.clone(),
+            grace: args.grace,
+            poll: labels::POLL,
+        })
+        .await;
+    }
+    let pod = args
+        .pod
+        .clone()
+        .expect("clap requires --pod without --labels-file");
+    let config = kube::Config::infer().await.map_err(ExecError::KubeConfig)?;
+    let client = kube::Client::try_from(config).map_err(ExecError::KubeClient)?;
+    let keys = Arc::new(verify::Keys::new(client, args.operator.clone()));
+    match keys.refresh().await {
+        Ok(count) => tracing::info!(keys = count, "read the cluster's token keys"),
+        // Not fatal: until the keys can be read, every message is refused, which is safe.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the cluster's token keys yet; will retry")
+        }
+    }
+    keys.clone().spawn_refresh(args.jwks_refresh);
+
+    let exec = server::Exec::new(
+        args.command.clone(),
+        args.grace,
+        pod.clone(),
+        args.group.clone(),
+        keys,
+    );
+    tokio::spawn(exec.clone().term_timer());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ExecError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(
+        %addr,
+        path = %args.path,
+        pod = %pod,
+        group = args.group.as_deref().unwrap_or("(any)"),
+        operator = %args.operator,
+        command = ?args.command,
+        "podium exec: waiting for the operator's role messages; the command runs only while this pod leads"
+    );
+    let router = exec.router(&args.path);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(ExecError::Signals)?;
+    let serve = axum::serve(listener, router);
+    tokio::select! {
+        served = serve => served.map_err(|source| ExecError::Serve { addr, source })?,
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping the command"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping the command"),
+    }
+    exec.shutdown().await;
+    tracing::info!("podium exec: done");
+    Ok(())
+}
+
+fn parse_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.contains(char::is_whitespace) || s == "/readyz" || s == "/role" {
+        return Err(format!(
+            "{s:?} must start with '/', hold no spaces, and not be /readyz or /role"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_group(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
+/// `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s, 500ms or 2m"))?;
+    let millis = match unit {
+        "ms" => Some(number),
+        "" | "s" => number.checked_mul(1_000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
+    };
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+fn parse_refresh(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(10) {
+        return Err(format!("{s:?}: refresh at most every 10s"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<ExecArgs, clap::Error> {
+        let mut argv = vec!["podium", "exec"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Some(Command::Exec(args)) => Ok(args),
+            other => panic!("expected exec, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_parse() {
+        let args = parse(&[
+            "--listen",
+            "127.0.0.1:9000",
+            "--pod",
+            "p0",
+            "--group",
+            "ns/g",
+            "--grace",
+            "500ms",
+            "--",
+            "sleep",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(args.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(args.pod.as_deref(), Some("p0"));
+        assert_eq!(args.group.as_deref(), Some("ns/g"));
+        assert_eq!(args.grace, Duration::from_millis(500));
+        assert_eq!(args.path, "/podium/notify");
+        assert_eq!(args.operator, DEFAULT_OPERATOR);
+        assert_eq!(args.jwks_refresh, Duration::from_secs(300));
+        assert_eq!(args.command, ["sleep", "10"]);
+    }
+
+    #[test]
+    fn bad_flags_and_a_missing_command_are_refused_with_a_message() {
+        for (args, expected) in [
+            (&["--pod", "p0"][..], "CMD"),
+            (&["--pod", "p0", "--"][..], "CMD"),
+            (
+                &["--pod", "p0", "--group", "g", "--", "x"][..],
+                "NAMESPACE/NAME",
+            ),
+            (&["--pod", "p0", "--grace", "10y", "--", "x"][..], "unit"),
+            (
+                &["--pod", "p0", "--path", "notify", "--", "x"][..],
+                "must start with '/'",
+            ),
+            (
+                &["--pod", "p0", "--jwks-refresh", "1s", "--", "x"][..],
+                "10s",
+            ),
+            (
+                &["--pod", "p0", "--listen", "nowhere", "--", "x"][..],
+                "--listen",
+            ),
+            (
+                &["--pod", "p0", "--annotations-file", "/a", "--", "x"][..],
+                "--labels-file",
+            ),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(expected), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_pod_is_needed_except_in_downward_api_mode() {
+        // POD_NAME is not set under `cargo test`.
+        if std::env::var_os("POD_NAME").is_none() {
+            let err = parse(&["--", "x"]).unwrap_err().to_string();
+            assert!(err.contains("--pod"), "{err}");
+        }
+        assert!(parse(&["--labels-file", "/etc/podinfo/labels", "--", "x"]).is_ok());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

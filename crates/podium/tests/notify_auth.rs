@@ -1,0 +1,367 @@
+//! `podium exec` against a real API server: the JWKS it serves, tokens from the TokenRequest
+//! API, and the real binary taking (and refusing) role messages over HTTP.
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{Api, ObjectMeta, PostParams};
+use podium_core::notify::AUDIENCE;
+use podium_testkit::testbed::Testbed;
+use serde_json::{Value, json};
+
+async fn create<K>(api: &Api<K>, object: &K)
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(e) => panic!("creating {object:?}: {e}"),
+    }
+}
+
+async fn service_account(client: &kube::Client, ns: &str, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some(ns.into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    create(&namespaces, &namespace).await;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let account = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    };
+    create(&accounts, &account).await;
+}
+
+async fn token(client: &kube::Client, ns: &str, name: &str, audience: &str) -> String {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let request = json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [audience], "expirationSeconds": 600},
+    });
+    let answer: TokenRequest = accounts
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{name}: {e}"));
+    let token = answer.status.and_then(|status| status.token);
+    token.expect("a token")
+}
+
+/// GET /openid/v1/jwks with `client`: the HTTP status.
+async fn jwks_status(client: &kube::Client) -> u16 {
+    let request = http::Request::get("/openid/v1/jwks")
+        .body(Vec::new())
+        .unwrap();
+    match client.request_text(request).await {
+        Ok(_) => 200,
+        Err(kube::Error::Api(status)) => status.code,
+        Err(e) => panic!("GET /openid/v1/jwks: {e}"),
+    }
+}
+
+/// One HTTP/1.1 request to the exec on loopback: (status, body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to podium exec");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn message(role: &str, epoch: u64, nonce: Option<&str>) -> String {
+    message_with_term(role, epoch, nonce, 60_000)
+}
+
+fn message_with_term(role: &str, epoch: u64, nonce: Option<&str>, term_millis: u64) -> String {
+    json!({
+        "group": "ns/g", "pod": "p0", "role": role, "leader": "p0",
+        "epoch": epoch, "termMillis": term_millis, "nonce": nonce,
+    })
+    .to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_exec_takes_only_the_operators_tokens() {
+    let testbed = Testbed::shared();
+    let admin = testbed.client();
+
+    // The API server publishes its token keys (ServiceAccountIssuerDiscovery, beta in 1.20).
+    assert_eq!(jwks_status(&admin).await, 200);
+    let text = admin
+        .request_text(
+            http::Request::get("/openid/v1/jwks")
+                .body(Vec::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let jwks: Value = serde_json::from_str(&text).unwrap();
+    println!("JWKS: {jwks}");
+    assert!(!jwks["keys"].as_array().unwrap().is_empty());
+
+    // Can a ServiceAccount read them? On 1.20 yes, by default: the bootstrap policy binds
+    // system:service-account-issuer-discovery to every ServiceAccount. A cluster that removed
+    // that binding needs one for the app's ServiceAccount.
+    service_account(&admin, "podium-system", "podium").await;
+    let sa_client = testbed
+        .service_account_client("podium-system", "podium")
+        .await
+        .unwrap();
+    assert_eq!(
+        jwks_status(&sa_client).await,
+        200,
+        "a ServiceAccount cannot read the JWKS by default (update the report and the chart)"
+    );
+    let bindings: Api<ClusterRoleBinding> = Api::all(admin.clone());
+    let binding = bindings
+        .get("system:service-account-issuer-discovery")
+        .await
+        .expect("the default issuer-discovery binding");
+    let binding = serde_json::to_value(&binding).unwrap();
+    println!(
+        "default binding: {} -> {}",
+        binding["roleRef"], binding["subjects"]
+    );
+    assert_eq!(
+        binding["roleRef"]["name"],
+        "system:service-account-issuer-discovery"
+    );
+    assert!(
+        binding["subjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["kind"] == "Group" && s["name"] == "system:serviceaccounts"),
+        "{binding}"
+    );
+
+    let other_ns = testbed.create_namespace("notify-auth").await.unwrap();
+    service_account(&admin, &other_ns, "other").await;
+    let good = token(&admin, "podium-system", "podium", AUDIENCE).await;
+    let wrong_audience = token(&admin, "podium-system", "podium", "https://example.invalid").await;
+    let other = token(&admin, &other_ns, "other", AUDIENCE).await;
+    let tampered = {
+        let (rest, signature) = good.rsplit_once('.').unwrap();
+        let mut signature = signature.to_string();
+        let last = if signature.ends_with('A') { "B" } else { "A" };
+        signature.replace_range(signature.len() - 1.., last);
+        // Flip a middle character too: the last one may only carry padding bits.
+        let middle = signature.len() / 2;
+        let c = if &signature[middle..=middle] == "A" {
+            "B"
+        } else {
+            "A"
+        };
+        signature.replace_range(middle..=middle, c);
+        format!("{rest}.{signature}")
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let port = free_port();
+    let mut exec = tokio::process::Command::new(env!("CARGO_BIN_EXE_podium"))
+        .env("KUBECONFIG", testbed.kubeconfig_path())
+        .env("LOG", &log)
+        .env_remove("POD_NAME")
+        .env_remove("PODIUM_GROUP_NAME")
+        .args([
+            "exec",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pod",
+            "p0",
+            "--grace",
+            "5s",
+            "--",
+            "sh",
+            "-c",
+            // At epoch 5 the command gives up at once.
+            "echo \"started $PODIUM_EPOCH $PODIUM_GROUP\" >> \"$LOG\"; \
+             if [ \"$PODIUM_EPOCH\" = 5 ]; then exit 2; fi; exec sleep 1000",
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start podium exec");
+
+    let mut up = false;
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "podium exec did not listen");
+    assert_eq!(http(port, "GET", "/readyz", None, "").0, 200);
+
+    let path = "/podium/notify";
+    let follower = message("follower", 1, None);
+    let send = |token: Option<String>, body: String| {
+        tokio::task::spawn_blocking(move || http(port, "POST", path, token.as_deref(), &body))
+    };
+    for (what, token) in [
+        ("no token", None),
+        ("wrong audience", Some(wrong_audience)),
+        ("another ServiceAccount", Some(other)),
+        ("tampered signature", Some(tampered)),
+    ] {
+        let (status, body) = send(token, follower.clone()).await.unwrap();
+        println!("{what}: {status} {body}");
+        assert_eq!(status, 401, "{what}: {body}");
+    }
+    let (status, body) = send(Some(good.clone()), "{not json".into()).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+
+    let (status, body) = send(Some(good.clone()), follower).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ack: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (ack["accepted"].as_bool(), ack["running"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let nonce = ack["nonce"].as_str().unwrap().to_string();
+    assert_eq!(nonce.len(), 32);
+
+    let (status, body) = send(Some(good.clone()), message("leader", 3, Some(&nonce)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ack: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ack["running"].as_bool(), Some(true), "{body}");
+    let mut started = String::new();
+    for _ in 0..100 {
+        started = std::fs::read_to_string(&log).unwrap_or_default();
+        if !started.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(started, "started 3 ns/g\n");
+    let (_, role) = tokio::task::spawn_blocking(move || http(port, "GET", "/role", None, ""))
+        .await
+        .unwrap();
+    let role: Value = serde_json::from_str(&role).unwrap();
+    println!("/role: {role}");
+    assert_eq!(role["running"].as_bool(), Some(true));
+    assert_eq!(role["leadingEpoch"].as_u64(), Some(3));
+    let pid = role["pid"].as_u64().expect("a pid while running");
+
+    // Demoted at a higher epoch: answered only once the command has exited.
+    let (status, body) = send(Some(good.clone()), message("follower", 4, None))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ack: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ack["running"].as_bool(), Some(false), "{body}");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "the command still runs after the demotion was answered: {stat}"
+    );
+
+    // A delayed leader message from the old epoch is refused.
+    let nonce = ack["nonce"].as_str().unwrap().to_string();
+    let (status, body) = send(Some(good.clone()), message("leader", 3, Some(&nonce)))
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{body}");
+    let ack: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (ack["accepted"].as_bool(), ack["running"].as_bool()),
+        (Some(false), Some(false))
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "started 3 ns/g\n");
+
+    // Leading at epoch 5, the command exits on its own: /readyz turns 503 so that the
+    // readiness probe hands leadership on; a demotion clears it.
+    let nonce = ack["nonce"].as_str().unwrap().to_string();
+    let (status, body) = send(Some(good.clone()), message("leader", 5, Some(&nonce)))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut ready = 200;
+    for _ in 0..100 {
+        ready = http(port, "GET", "/readyz", None, "").0;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, 503, "/readyz once the command gave up");
+    let (status, body) = send(Some(good.clone()), message("follower", 6, None))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http(port, "GET", "/readyz", None, "").0, 200);
+
+    // A term of 1.5 s with no renewal: the command stops on its own clock.
+    let ack: Value = serde_json::from_str(&body).unwrap();
+    let nonce = ack["nonce"].as_str().unwrap().to_string();
+    let (status, body) = send(
+        Some(good.clone()),
+        message_with_term("leader", 7, Some(&nonce), 1_500),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let role: Value = serde_json::from_str(&http(port, "GET", "/role", None, "").1).unwrap();
+    assert_eq!(role["running"].as_bool(), Some(true), "{role}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let role: Value = serde_json::from_str(&http(port, "GET", "/role", None, "").1).unwrap();
+    println!("/role after the term: {role}");
+    assert_eq!(role["running"].as_bool(), Some(false), "{role}");
+    assert_eq!(role["leadingEpoch"], Value::Null, "{role}");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "started 3 ns/g\nstarted 5 ns/g\nstarted 7 ns/g\n"
+    );
+
+    // SIGTERM: podium exec exits 0.
+    let pid = exec.id().unwrap() as i32;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(10), exec.wait())
+        .await
+        .expect("podium exec exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
