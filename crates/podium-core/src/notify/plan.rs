@@ -55,6 +55,7 @@ pub fn renew_interval(term_millis: u64) -> u64 {
     (term_millis / 3).max(1)
 }
 
+/// The notifier must send each pod its latest nonce, and none to a pod it has not heard from.
 pub fn plan(view: &GroupView<'_>) -> Plan {
     let leader = view
         .leader
@@ -89,6 +90,10 @@ pub fn plan(view: &GroupView<'_>) -> Plan {
         }
         let role = match (Some(pod.name) == view.leader, &activation) {
             (true, Some(Activation::Now)) => NotifyRole::Leader,
+            // Never heard from, as after an operator restart: a `leader` message without a
+            // nonce is refused without any change, and the answer says whether the pod already
+            // runs at this epoch. `pending` would stop a leader that was running fine.
+            (true, _) if pod.link.last_answer.is_none() => NotifyRole::Leader,
             (true, _) => NotifyRole::Pending,
             (false, _) => NotifyRole::Follower,
         };
@@ -159,7 +164,15 @@ mod tests {
     fn a_new_leader_is_pending_until_the_old_one_stopped() {
         let mut old = pod("old");
         old.link.answered(50, 1, true);
-        let planned = plan(&view(Some("new"), 100, vec![pod("new"), old.clone()]));
+        let mut new = pod("new");
+        // First a probe: a leader message without a nonce, which changes nothing.
+        let planned = plan(&view(Some("new"), 100, vec![new.clone(), old.clone()]));
+        assert_eq!(
+            planned.sends,
+            vec![(0, NotifyRole::Leader), (1, NotifyRole::Follower)]
+        );
+        new.link.answered(105, 1, false);
+        let planned = plan(&view(Some("new"), 106, vec![new.clone(), old.clone()]));
         assert_eq!(
             planned.sends,
             vec![(0, NotifyRole::Pending), (1, NotifyRole::Follower)]
@@ -167,7 +180,6 @@ mod tests {
         assert!(matches!(planned.activation, Some(Activation::Wait { .. })));
 
         old.link.answered(120, 2, false);
-        let mut new = pod("new");
         new.delivered = Some(Delivered {
             role: NotifyRole::Pending,
             epoch: 2,
@@ -183,6 +195,21 @@ mod tests {
         assert!(early.sends.is_empty());
         let late = plan(&view(Some("new"), 20_000, vec![new, old]));
         assert_eq!(late.sends, vec![(0, NotifyRole::Leader)]);
+    }
+
+    #[test]
+    fn a_leader_found_running_after_a_restart_is_renewed_not_stopped() {
+        let mut leader = pod("a");
+        let mut old = pod("old");
+        old.link.answered(10, 1, false);
+        assert_eq!(
+            plan(&view(Some("a"), 20, vec![leader.clone(), old.clone()])).sends[0],
+            (0, NotifyRole::Leader)
+        );
+        leader.link.answered(30, 2, true);
+        let planned = plan(&view(Some("a"), 31, vec![leader, old]));
+        assert_eq!(planned.activation, Some(Activation::Now));
+        assert_eq!(planned.sends[0], (0, NotifyRole::Leader));
     }
 
     #[test]
