@@ -40,10 +40,16 @@ cargo test --locked -p podium-core --test model_check -- --nocapture 2>&1 \
   | grep -E '^(model check|legacy counterexample|test |test result)'
 test "${PIPESTATUS[0]}" = 0
 
+step "exhaustive model check of role notifications: no two leader processes (prints the states it explored)"
+cargo test --locked -p podium-core --test model_notify -- --nocapture 2>&1 \
+  | grep -E '^(model check|test |test result)'
+test "${PIPESTATUS[0]}" = 0
+
 step "cargo test (unit and property tests; integration tests on the local control plane)"
 # The kind end-to-end tests need Docker and are #[ignore]d with that reason; cargo lists them.
-# The model check ran in the step above, the real-node suite runs in the step below.
+# The model checks ran in the steps above, the real-node suite runs in the step below.
 cargo test --locked --workspace -- --skip every_interleaving_keeps_one_leader_and_a_growing_epoch \
+  --skip every_interleaving_keeps_at_most_one_leader_process \
   --skip chart_in_cluster_operator_and_service_traffic_on_a_real_node
 
 step "end-to-end suite on a real local node (helm install, in-cluster operator, Service traffic; prints its figures)"

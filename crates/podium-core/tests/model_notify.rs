@@ -24,8 +24,9 @@
 //!   `since = now`. Answers to an earlier replica are lost with it; its messages stay in the
 //!   network.
 //! - The current replica sends each live pod what the operator would send it now: `follower` to
-//!   pods other than the holder; to the holder `leader` (echoing the latest nonce the replica
-//!   received from it) exactly when [`decide_activation`] returns `Now` and a nonce is known,
+//!   pods other than the holder; to the holder, as `plan::plan` does: a probe (`leader` without
+//!   a nonce, which can only be refused) while the replica has never heard from it, `leader`
+//!   echoing the latest nonce received from it when [`decide_activation`] returns `Now`, and
 //!   `pending` otherwise. All at the current epoch.
 //! - The network delays, reorders and loses messages and answers (any of them is delivered or
 //!   dropped in any order, at any later time). `PODIUM_NOTIFY_MODEL_DUPLICATES=1` also delivers
@@ -327,8 +328,9 @@ impl Notify {
         let role = if p != holder {
             Role::Follower
         } else if replica.nonces[p].is_none() {
-            // A leader message needs a nonce to echo.
-            Role::Pending
+            // Never heard from: a probe, as `plan::plan` sends it — a leader message without a
+            // nonce, which the pod refuses without any change but answers.
+            Role::Leader
         } else {
             let since = match self.variant {
                 Variant::ForgetSince => 0,

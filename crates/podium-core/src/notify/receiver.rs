@@ -139,12 +139,14 @@ impl Receiver {
             .and_then(|echoed| self.nonces.iter().find(|(nonce, _)| nonce == echoed))
             .map(|&(_, issued)| issued);
         let Some(issued) = issued else {
-            // Not leading, or keep the term already running: only a nonce bounds a new one.
-            return refuse("a leader message must echo a nonce this pod issued recently".into());
+            return self.refuse_leader(
+                message.epoch,
+                "a leader message must echo a nonce this pod issued recently",
+            );
         };
         let until = issued.saturating_add(message.term_millis);
         if until <= now {
-            return refuse("the echoed nonce is older than the term".into());
+            return self.refuse_leader(message.epoch, "the echoed nonce is older than the term");
         }
         match self.term {
             Some(term) if term.epoch == message.epoch => {
@@ -180,6 +182,29 @@ impl Receiver {
                     },
                 )
             }
+        }
+    }
+}
+
+impl Receiver {
+    /// Refuses a leader message that grants no term. A term at the message's epoch keeps
+    /// running (the message may be a probe by an operator that has not heard from this pod);
+    /// a term at an older epoch ends, because that epoch is over: "running" in an answer
+    /// always means running at the answer's epoch.
+    fn refuse_leader(&mut self, epoch: u64, reason: &str) -> (bool, Option<String>, Command) {
+        match self.term {
+            Some(term) if term.epoch < epoch => {
+                self.term = None;
+                (
+                    false,
+                    Some(format!(
+                        "{reason}; stopped the term of epoch {}",
+                        term.epoch
+                    )),
+                    Command::Stop,
+                )
+            }
+            _ => refuse(reason.into()),
         }
     }
 }
@@ -282,6 +307,28 @@ mod tests {
         let reply = r.handle(&message(NotifyRole::Leader, 3, Some("n3")), 4, "n4".into());
         assert_eq!(reply.command, Command::Restart { epoch: 3 });
         assert_eq!(r.leading_epoch(), Some(3));
+    }
+
+    #[test]
+    fn running_always_means_running_at_the_answered_epoch() {
+        let mut r = receiver();
+        r.handle(&message(NotifyRole::Follower, 1, None), 0, "n0".into());
+        r.handle(&message(NotifyRole::Leader, 1, Some("n0")), 1, "n1".into());
+        // A probe at the same epoch (no nonce) leaves the term alone.
+        let probe = r.handle(&message(NotifyRole::Leader, 1, None), 2, "n2".into());
+        assert!(!probe.ack.accepted && probe.ack.running);
+        assert_eq!(probe.command, Command::Nothing);
+        // A newer epoch that grants no term ends the old one.
+        let newer = r.handle(
+            &message(NotifyRole::Leader, 2, Some("forged")),
+            3,
+            "n3".into(),
+        );
+        assert_eq!(newer.command, Command::Stop);
+        assert_eq!(
+            (newer.ack.accepted, newer.ack.running, newer.ack.epoch),
+            (false, false, 2)
+        );
     }
 
     #[test]
