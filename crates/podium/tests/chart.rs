@@ -181,23 +181,61 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The (API group, resource, verb) triples that the rules of a Role or ClusterRole grant.
+/// The (API group, resource, verb) triples that the rules of a Role or ClusterRole grant; a
+/// rule limited to named objects grants `resource#name`.
 fn grants(role: &Value) -> BTreeSet<(String, String, String)> {
     let mut out = BTreeSet::new();
     for rule in role["rules"].as_sequence().expect("rules") {
         assert!(
-            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+            rule.get("nonResourceURLs").is_none(),
             "unexpected rule shape: {rule:?}"
         );
+        let names = strings(&rule["resourceNames"]);
         for group in strings(&rule["apiGroups"]) {
             for resource in strings(&rule["resources"]) {
                 for verb in strings(&rule["verbs"]) {
-                    out.insert((group.clone(), resource.clone(), verb));
+                    if names.is_empty() {
+                        out.insert((group.clone(), resource.clone(), verb.clone()));
+                    }
+                    for name in &names {
+                        out.insert((group.clone(), format!("{resource}#{name}"), verb.clone()));
+                    }
                 }
             }
         }
     }
     out
+}
+
+/// The Role that lets the operator request tokens for its own ServiceAccount, which sign role
+/// notifications: exactly that, in the release namespace, bound to that account. Returns the
+/// other Roles.
+fn without_notify_role<'a>(docs: &'a [Value]) -> Vec<&'a Value> {
+    let account = name_of(one(docs, "ServiceAccount")).to_string();
+    let (notify, others): (Vec<&Value>, Vec<&Value>) = find(docs, "Role")
+        .into_iter()
+        .partition(|r| name_of(r).ends_with("-notify"));
+    assert_eq!(notify.len(), 1, "one notify Role");
+    assert_eq!(namespace_of(notify[0]), RELEASE_NAMESPACE);
+    assert_eq!(
+        grants(notify[0]),
+        [(
+            String::new(),
+            format!("serviceaccounts/token#{account}"),
+            "create".to_string()
+        )]
+        .into_iter()
+        .collect()
+    );
+    let binding = find(docs, "RoleBinding")
+        .into_iter()
+        .find(|b| b["roleRef"]["name"] == notify[0]["metadata"]["name"])
+        .expect("the notify Role is bound");
+    assert_eq!(
+        binding["subjects"][0]["name"].as_str(),
+        Some(account.as_str())
+    );
+    others
 }
 
 fn expected_grants(with_nodes: bool) -> BTreeSet<(String, String, String)> {
@@ -339,6 +377,9 @@ fn default_render_is_a_cluster_wide_ha_operator() {
         ("ClusterRoleBinding", 1),
         ("Deployment", 1),
         ("PodDisruptionBudget", 1),
+        // Tokens for its own ServiceAccount, to sign role notifications.
+        ("Role", 1),
+        ("RoleBinding", 1),
         ("Service", 1),
         ("ServiceAccount", 1),
     ]
@@ -447,7 +488,8 @@ fn default_render_is_a_cluster_wide_ha_operator() {
 fn cluster_rbac_grants_exactly_the_operator_verbs() {
     let docs = documents(&template(&[]));
     assert_no_wildcards_or_secrets(&docs);
-    assert!(find(&docs, "Role").is_empty() && find(&docs, "RoleBinding").is_empty());
+    assert!(without_notify_role(&docs).is_empty());
+    assert_eq!(find(&docs, "RoleBinding").len(), 1);
     let role = one(&docs, "ClusterRole");
     assert_eq!(grants(role), expected_grants(true));
 
@@ -477,9 +519,9 @@ fn watch_namespace_renders_namespaced_rbac() {
         "no cluster-scoped RBAC in single-namespace mode"
     );
 
-    let roles = find(&docs, "Role");
+    let roles = without_notify_role(&docs);
     let bindings = find(&docs, "RoleBinding");
-    assert_eq!((roles.len(), bindings.len()), (2, 2));
+    assert_eq!((roles.len(), bindings.len()), (2, 3));
 
     // The watched namespace: everything but nodes (cluster-scoped, cannot be granted there).
     let watched = roles
