@@ -10,5 +10,5 @@ fi
 scripts/install-deps.sh
 export PODIUM_BIN_DIR="${PODIUM_BIN_DIR:-${PODIUM_CACHE:-$HOME/.cache/podium}/bin}"
 echo "building podium-demo..." >&2
-cargo build --locked --quiet -p podium-demo
+cargo build --locked --quiet -p podium -p podium-demo
 exec target/debug/podium-demo "$@"

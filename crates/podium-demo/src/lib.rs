@@ -40,6 +40,8 @@ use podium_testkit::testbed::kubelet::{
 use podium_testkit::testbed::{self, Testbed};
 use podium_testkit::wait::poll;
 
+mod workers;
+
 /// Namespace the demo works in.
 pub const NAMESPACE: &str = "demo";
 /// The `app` label of the Deployment's pods, and the Deployment's name.
@@ -118,6 +120,8 @@ pub struct DemoReport {
     /// The control plane's temporary directory (gone once the demo returns, unless
     /// `PODIUM_KEEP_TESTBED` is set). Every control-plane process has it in its command line.
     pub testbed_dir: Option<PathBuf>,
+    /// The workers' takeovers, timed from the trigger to the new leader's command starting.
+    pub takeovers: Vec<workers::Takeover>,
     /// The run was stopped by the interrupt before it finished.
     pub interrupted: bool,
 }
@@ -214,6 +218,8 @@ async fn shutdown_signal() {
 /// Everything that must be stopped at the end, in order: operator, kubelet, control plane.
 struct Session {
     testbed: Testbed,
+    /// The workers' `podium exec` processes (stopped when dropped).
+    workers: Option<podium_testkit::leader_process::ProcessPods>,
     client: Client,
     kubectl: Option<PathBuf>,
     operator: Option<Operator>,
@@ -299,6 +305,7 @@ async fn script<W: Write>(
         testbed,
         client: client.clone(),
         kubectl,
+        workers: None,
         operator: None,
         kubelet: None,
         metrics_addr: None,
@@ -315,7 +322,11 @@ async fn script<W: Write>(
             http_addr: metrics_addr,
             watch_namespace: Some(NAMESPACE.to_string()),
             election: None,
-            service_account: None,
+            // Signs the workers' role notifications (the last part of the demo).
+            service_account: Some((
+                NAMESPACE.to_string(),
+                podium_testkit::leader_process::OPERATOR_ACCOUNT.to_string(),
+            )),
         },
     )
     .await
@@ -344,9 +355,14 @@ async fn script<W: Write>(
     ])?;
     create_namespace(&client).await?;
     s.kubelet = Some(
-        Kubelet::start(&client, KubeletOptions::new(NODE).namespace(NAMESPACE))
-            .await
-            .context("cannot start the simulated kubelet")?,
+        Kubelet::start(
+            &client,
+            KubeletOptions::new(NODE)
+                .namespace(NAMESPACE)
+                .label_selector(format!("app={APP}")),
+        )
+        .await
+        .context("cannot start the simulated kubelet")?,
     );
     ui.ok(format!(
         "namespace {NAMESPACE}, node {NODE} with a simulated kubelet"
@@ -449,7 +465,30 @@ async fn script<W: Write>(
     s.leader = Some(Leader::after(&failover));
     report.failovers.push(failover);
 
-    // ⑦ Summary.
+    // ⑦ Real processes: leader-only work that never overlaps.
+    ui.heading("Your app and its role: real processes take over")?;
+    ui.explain(&[
+        "Four workers, each a real `podium exec` process listening on its pod's own loopback IP.",
+        "Podium pushes every pod its role, signed with its ServiceAccount's token; podium exec runs",
+        "its command only while its pod leads, and a new leader's command starts only once the",
+        "old one has stopped (or its pod is gone, or its term has run out).",
+    ])?;
+    let workers_dir = s.testbed.dir().join("workers");
+    std::fs::create_dir_all(&workers_dir)?;
+    let mut workers = podium_testkit::leader_process::ProcessPods::new(
+        &client,
+        NAMESPACE,
+        workers::WORKER_APP,
+        &workers::podium_binary()?,
+        s.testbed.kubeconfig_path(),
+        &workers_dir,
+    )
+    .await?;
+    let takeovers = workers::story(ui, &client, &mut workers).await;
+    s.workers = Some(workers);
+    report.takeovers = takeovers?;
+
+    // ⑧ Summary.
     ui.heading("Where things stand")?;
     if let Some(leader) = &s.leader {
         wait_status_leader(&client, &leader.name).await?;
@@ -473,6 +512,24 @@ async fn script<W: Write>(
             f.epoch.to_string(),
             ms(f.label_after),
             ms(f.service_after),
+        ]);
+    }
+    ui.block(&table(&rows))?;
+    ui.item("worker takeovers, from the trigger to the new leader's command starting:")?;
+    let mut rows = vec![vec![
+        "TRIGGER".to_string(),
+        "OLD LEADER".to_string(),
+        "NEW LEADER".to_string(),
+        "EPOCH".to_string(),
+        "COMMAND STARTED".to_string(),
+    ]];
+    for t in &report.takeovers {
+        rows.push(vec![
+            t.how.to_string(),
+            t.old.clone(),
+            t.new.clone(),
+            t.epoch.to_string(),
+            ms(t.after),
         ]);
     }
     ui.block(&table(&rows))?;
@@ -892,6 +949,10 @@ async fn clean_up<W: Write>(ui: &mut Ui<W>, session: Option<Session>) {
         let _ = ui.ok("nothing was left running (a half-started control plane stops with it)");
         return;
     };
+    if let Some(workers) = s.workers.take() {
+        drop(workers);
+        let _ = ui.ok("worker processes stopped");
+    }
     if let Some(operator) = s.operator.take() {
         operator.stop().await;
         let _ = ui.ok("operator stopped");

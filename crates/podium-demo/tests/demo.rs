@@ -81,6 +81,8 @@ async fn the_demo_elects_fails_over_three_times_and_cleans_up() {
         "④ Failover: delete the leader",
         "⑤ Failover again",
         "⑥ Failover: the leader turns NotReady",
+        "⑦ Your app and its role: real processes take over",
+        "⑧ Where things stand",
         "Clean up",
     ] {
         assert!(text.contains(heading), "missing {heading:?}");
@@ -140,13 +142,23 @@ async fn the_demo_elects_fails_over_three_times_and_cleans_up() {
         "no timed NotReady failover in\n{text}"
     );
     assert!(text.contains("epoch 3 -> 4"));
+    // The workers: real podium exec processes, two timed takeovers, no overlap.
+    assert_eq!(report.takeovers.len(), 2, "two takeovers in\n{text}");
+    for t in &report.takeovers {
+        assert_ne!(t.old, t.new);
+        assert!(t.after < Duration::from_secs(30));
+    }
+    assert!(text.contains(": I am the leader (epoch 1)"), "{text}");
+    assert!(text.contains(": I am a follower"), "{text}");
+    assert!(text.contains(" 0 overlapping"), "{text}");
 
     let (count, sum) = report
         .operator_failover_seconds
         .expect("podium_failover_seconds read");
-    assert_eq!(count, 3, "the operator timed three failovers");
+    // Three of the web group, two of the workers.
+    assert_eq!(count, 5, "the operator timed five failovers");
     assert!(sum > 0.0);
-    assert!(text.contains("podium_failover_seconds: count 3"));
+    assert!(text.contains("podium_failover_seconds: count 5"));
 
     // Nothing left behind.
     let dir = report.testbed_dir.expect("the demo's testbed directory");

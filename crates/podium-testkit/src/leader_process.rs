@@ -121,6 +121,30 @@ impl ProcessPods {
             .await
             .with_context(|| format!("creating pod {name}"))?;
         bind_pod(&self.client, &self.namespace, name, &self.node).await?;
+        self.pods.insert(
+            name.into(),
+            ProcessPod {
+                name: name.into(),
+                ip: ip.clone(),
+                process: None,
+            },
+        );
+        self.run_process(name).await
+    }
+
+    /// Starts pod `name`'s `podium exec` again after it stopped, as a kubelet restarts a
+    /// container, and reports the pod Ready once it listens.
+    pub async fn restart(&mut self, name: &str) -> Result<()> {
+        self.run_process(name).await
+    }
+
+    async fn run_process(&mut self, name: &str) -> Result<()> {
+        let ip = self
+            .pods
+            .get(name)
+            .with_context(|| format!("no pod {name}"))?
+            .ip
+            .clone();
         let log = self.log();
         let work = format!(
             "echo \"start $POD_NAME $PODIUM_EPOCH $(date +%s%N)\" >> {log}; \
@@ -158,14 +182,9 @@ impl ProcessPods {
             .kill_on_drop(true)
             .spawn()
             .context("starting podium exec")?;
-        self.pods.insert(
-            name.into(),
-            ProcessPod {
-                name: name.into(),
-                ip: ip.clone(),
-                process: Some(process),
-            },
-        );
+        if let Some(pod) = self.pods.get_mut(name) {
+            pod.process = Some(process);
+        }
         wait_listening(&ip, NOTIFY_PORT).await?;
         set_pod_running_ready(&self.client, &self.namespace, name, &ip).await?;
         Ok(())
@@ -188,6 +207,29 @@ impl ProcessPods {
                 format!("podium exec in {name} did not exit within 15 s of SIGTERM")
             })??;
         Ok(())
+    }
+
+    /// Stops pod `name`'s process as a kubelet with a readiness probe on `/readyz` sees it:
+    /// SIGTERM; once `/readyz` stops answering 200 (podium exec says 503 while it shuts down),
+    /// the pod is reported NotReady; then the process exits.
+    pub async fn stop_with_probe(&mut self, name: &str) -> Result<()> {
+        let pod = self
+            .pods
+            .get(name)
+            .with_context(|| format!("no pod {name}"))?;
+        let ip = pod.ip.clone();
+        let pid = pod
+            .pid()
+            .with_context(|| format!("{name} runs no process"))?;
+        signal(pid, "TERM")?;
+        for _ in 0..1000 {
+            if !ready_probe(&ip, NOTIFY_PORT).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        crate::testbed::kubelet::set_pod_not_ready(&self.client, &self.namespace, name).await?;
+        self.stop_process(name).await
     }
 
     /// Deletes pod `name` as a kubelet sees it: the delete, then its process stopped, then the
@@ -220,13 +262,27 @@ impl ProcessPods {
 }
 
 impl Drop for ProcessPods {
+    /// Stops every `podium exec` as a kubelet would (SIGTERM, so each stops its command's
+    /// process group first), and waits for them: a SIGKILL would orphan the commands.
     fn drop(&mut self) {
         for pod in self.pods.values_mut() {
             if let Some(process) = pod.process.as_mut()
                 && let Some(pid) = process.id()
             {
+                let _ = std::process::Command::new("pkill")
+                    .args(["-CONT", "-P", &pid.to_string()])
+                    .status();
                 let _ = signal(pid, "CONT");
                 let _ = signal(pid, "TERM");
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(8);
+        for pod in self.pods.values_mut() {
+            if let Some(process) = pod.process.as_mut() {
+                while matches!(process.try_wait(), Ok(None)) && std::time::Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
     }
@@ -241,6 +297,23 @@ fn signal(pid: u32, name: &str) -> Result<()> {
         bail!("kill -{name} {pid} failed");
     }
     Ok(())
+}
+
+/// Whether `GET /readyz` answers 200.
+async fn ready_probe(ip: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect((ip, port)).await else {
+        return false;
+    };
+    let request = format!("GET /readyz HTTP/1.0\r\nHost: {ip}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut head)).await,
+        Ok(Ok(_))
+    ) && head.ends_with(b"200")
 }
 
 async fn wait_listening(ip: &str, port: u16) -> Result<()> {

@@ -210,7 +210,7 @@ fn grants(role: &Value) -> BTreeSet<(String, String, String)> {
 /// The Role that lets the operator request tokens for its own ServiceAccount, which sign role
 /// notifications: exactly that, in the release namespace, bound to that account. Returns the
 /// other Roles.
-fn without_notify_role<'a>(docs: &'a [Value]) -> Vec<&'a Value> {
+fn without_notify_role(docs: &[Value]) -> Vec<&Value> {
     let account = name_of(one(docs, "ServiceAccount")).to_string();
     let (notify, others): (Vec<&Value>, Vec<&Value>) = find(docs, "Role")
         .into_iter()

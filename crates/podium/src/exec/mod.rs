@@ -107,7 +107,12 @@ pub enum ExecError {
     Signals(#[source] std::io::Error),
 }
 
-/// Runs `podium exec` until SIGTERM or SIGINT; then stops CMD and returns.
+/// How long `podium exec` keeps answering after its command stopped on SIGTERM, waiting for the
+/// operator's demotion: well inside the 30 s a kubelet allows by default.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Runs `podium exec` until SIGTERM or SIGINT; then stops CMD, answers the operator's next
+/// message (for at most [`LINGER`]) and returns.
 pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     if let Some(labels_file) = &args.labels_file {
         return labels::run(labels::Options {
@@ -162,13 +167,23 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     let router = exec.router(&args.path);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ExecError::Signals)?;
-    let serve = axum::serve(listener, router);
+    let mut serve = tokio::spawn(axum::serve(listener, router).into_future());
     tokio::select! {
-        served = serve => served.map_err(|source| ExecError::Serve { addr, source })?,
+        served = &mut serve => {
+            return match served {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(source)) => Err(ExecError::Serve { addr, source }),
+                Err(e) => Err(ExecError::Serve { addr, source: std::io::Error::other(e) }),
+            };
+        }
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping the command"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping the command"),
     }
+    // Keep answering while the command stops and a little after: the operator's demotion,
+    // answered "not running", lets it activate the next leader at once.
     exec.shutdown().await;
+    exec.linger(LINGER).await;
+    serve.abort();
     tracing::info!("podium exec: done");
     Ok(())
 }

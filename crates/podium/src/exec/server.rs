@@ -30,6 +30,10 @@ pub struct Exec {
     term_moved: Notify,
     /// What /role and /readyz read without waiting for a message in progress.
     view: StdMutex<View>,
+    /// Messages answered so far: shutdown lingers until the operator's next one is answered.
+    answered: watch::Sender<u64>,
+    /// Shutdown began: /readyz answers 503 so that the pod turns NotReady and is demoted.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 struct Inner {
@@ -82,6 +86,8 @@ impl Exec {
             }),
             term_moved: Notify::new(),
             view: StdMutex::new(View::default()),
+            answered: watch::channel(0).0,
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -140,6 +146,8 @@ impl Exec {
         } else {
             StatusCode::CONFLICT
         };
+        drop(inner);
+        self.answered.send_modify(|n| *n += 1);
         (status, json!(reply.ack))
     }
 
@@ -230,9 +238,20 @@ impl Exec {
 
     /// Stops the command and refuses to start it again: the process is about to exit.
     pub async fn shutdown(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut inner = self.inner.lock().await;
         inner.closed = true;
         self.stop(&mut inner).await;
+    }
+
+    /// After [`Exec::shutdown`]: waits until one more message has been answered (the operator's
+    /// demotion, which can then activate the next leader at once instead of waiting out the
+    /// term), or `linger` has passed.
+    pub async fn linger(&self, linger: Duration) {
+        let mut answered = self.answered.subscribe();
+        answered.borrow_and_update();
+        let _ = tokio::time::timeout(linger, answered.changed()).await;
     }
 
     /// Whether the command gave up while this pod leads: it exited on its own, or never started.
@@ -287,6 +306,9 @@ async fn notify(State(exec): State<Arc<Exec>>, headers: HeaderMap, body: Bytes) 
 }
 
 async fn readyz(State(exec): State<Arc<Exec>>) -> Response {
+    if exec.closing.load(std::sync::atomic::Ordering::Acquire) {
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
     match exec.gave_up() {
         Some(reason) => refusal(StatusCode::SERVICE_UNAVAILABLE, reason),
         None => (StatusCode::OK, "ok\n").into_response(),
