@@ -17,6 +17,11 @@
 //! 4. **Cost per failover**: every request the operator made for each failover of section 1,
 //!    sorted by what it did, against the floor (Lease write, unlabel, label, status write).
 //!
+//! 5. **Role notifications** ([`notify`]): four pods, each running a real `podium exec` (this
+//!    executable's `exec`) on a loopback IP; the leader is deleted or turned NotReady, timed to
+//!    the new leader's label, to its `leader` notification, and to its command's start; next
+//!    to the floor of a break-before-make handover, two messages sent straight to idle pods.
+//!
 //! `--real-node` runs instead a report of its own ([`real_node`]): failover on a real node
 //! (kubelet, containerd, kube-proxy) as a client of the leader Service and the Downward API
 //! see it, next to the new leader's label, written to `bench/results/<date>-real-node.md`.
@@ -29,6 +34,7 @@
 
 mod failover;
 mod floor;
+mod notify;
 mod operator;
 mod peers;
 mod procstat;
@@ -53,9 +59,9 @@ use podium_testkit::fixture;
 use podium_testkit::testbed::{self, Testbed};
 use podium_testkit::wait::poll;
 
-use operator::OperatorUnderTest;
+use operator::OperatorSource;
 use report::Report;
-use scale::{OperatorSource, ScaleParams};
+use scale::ScaleParams;
 
 /// Sections `--skip` can leave out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -63,12 +69,14 @@ pub enum Section {
     Failover,
     Peers,
     Scale,
+    Notify,
 }
 
 /// `podium bench` flags.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct BenchArgs {
-    /// Failovers per trigger (leader deleted, leader NotReady) [default: 50; 3 with --quick].
+    /// Failovers per trigger (leader deleted, leader NotReady), for Podium's failover rows and
+    /// for the role-notification rows [default: 50; 3 with --quick].
     #[arg(long)]
     pub rounds: Option<usize>,
 
@@ -143,6 +151,11 @@ pub struct BenchArgs {
     /// Internal: the operator child logs every request.
     #[arg(long, hide = true, requires = "operator_child")]
     pub child_log: bool,
+
+    /// Internal: the operator child signs role notifications as this ServiceAccount
+    /// (NAMESPACE/NAME).
+    #[arg(long, hide = true, requires = "operator_child")]
+    pub child_service_account: Option<String>,
 }
 
 /// The settings a run used, after defaults.
@@ -157,6 +170,8 @@ pub struct Settings {
     pub peer_scale: f64,
     pub scale_rounds: usize,
     pub scale_ttl_seconds: i32,
+    /// The notification group's TTL: a fresh operator activates nobody for one term.
+    pub notify_ttl_seconds: i32,
     pub window: Duration,
     pub skip: Vec<Section>,
 }
@@ -197,6 +212,7 @@ impl Settings {
             peer_scale: if quick { 0.2 } else { 1.0 },
             scale_rounds: args.scale_rounds.unwrap_or(if quick { 2 } else { 20 }),
             scale_ttl_seconds,
+            notify_ttl_seconds: if quick { 4 } else { failover::LEASE_SECONDS },
             window,
             skip: args.skip.clone(),
         }
@@ -219,7 +235,12 @@ pub struct BenchOutcome {
 /// What `podium-bench` runs.
 pub async fn run(args: BenchArgs) -> Result<()> {
     if args.operator_child {
-        return operator::run_child(args.child_namespace, args.child_log).await;
+        return operator::run_child(
+            args.child_namespace,
+            args.child_service_account,
+            args.child_log,
+        )
+        .await;
     }
     let outcome = if args.real_node {
         telemetry::init(LogFormat::Text, "warn,kube_client=off");
@@ -237,6 +258,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `podium-bench exec ARGS`: `podium exec ARGS`, for the notification section's pods.
+pub async fn run_exec(args: impl Iterator<Item = String>) -> Result<()> {
+    let cli = <podium::cli::Cli as clap::Parser>::parse_from(
+        std::iter::once("podium".into()).chain(args),
+    );
+    let Some(podium::cli::Command::Exec(args)) = cli.command else {
+        return Err(anyhow!("podium-bench exec: expected `exec` and its flags"));
+    };
+    telemetry::init(args.log_format, "info");
+    podium::exec::run(args).await.map_err(anyhow::Error::from)
 }
 
 /// The whole bench: starts a testbed, runs the sections, writes the report, returns it.
@@ -280,22 +313,17 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
     let mut rng = Rng::from_entropy();
     let load = PeakLoad::start();
     let log_dir = testbed.log_dir();
+    let source = match &operator_bin {
+        Some(bin) => OperatorSource::Child {
+            bin,
+            log_dir: &log_dir,
+        },
+        None => OperatorSource::InProcess,
+    };
 
     if settings.runs(Section::Failover) {
         let result = async {
-            let mut operator = match &operator_bin {
-                Some(bin) => {
-                    OperatorUnderTest::spawn(
-                        bin,
-                        testbed.kubeconfig_path(),
-                        None,
-                        true,
-                        &log_dir.join("operator-failover.log"),
-                    )
-                    .await?
-                }
-                None => OperatorUnderTest::in_process(testbed.config(), None, true).await?,
-            };
+            let mut operator = source.start(&testbed, None, None, true, "failover").await?;
             match operator.wait_ready(Duration::from_secs(60)).await {
                 Ok(()) => failover::run(&testbed, &client, operator, settings.rounds).await,
                 Err(e) => {
@@ -306,6 +334,20 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
         }
         .await;
         report.failover = Some(result.map_err(|e| format!("{e:#}")));
+    }
+
+    if settings.runs(Section::Notify) {
+        let exec_bin = match &args.operator_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe().context("finding this executable")?,
+        };
+        let params = notify::NotifyParams {
+            exec_bin: &exec_bin,
+            rounds: settings.rounds,
+            ttl_seconds: settings.notify_ttl_seconds,
+        };
+        let result = notify::run(&testbed, &client, &source, &params).await;
+        report.notify = Some(result.map_err(|e| format!("{e:#}")));
     }
 
     if settings.runs(Section::Peers) {
@@ -329,13 +371,6 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
     }
 
     if settings.runs(Section::Scale) {
-        let source = match &operator_bin {
-            Some(bin) => OperatorSource::Child {
-                bin,
-                log_dir: &log_dir,
-            },
-            None => OperatorSource::InProcess,
-        };
         for &groups in &settings.groups {
             let params = ScaleParams {
                 groups,

@@ -39,7 +39,11 @@ pub struct Report {
 }
 
 /// `podium-bench --operator-child`: run the operator until stdin closes.
-pub async fn run_child(namespace: Option<String>, keep_log: bool) -> Result<()> {
+pub async fn run_child(
+    namespace: Option<String>,
+    service_account: Option<String>,
+    keep_log: bool,
+) -> Result<()> {
     telemetry::init(LogFormat::Text, "info,kube_runtime=warn");
     let config = kube::Config::infer()
         .await
@@ -53,7 +57,7 @@ pub async fn run_child(namespace: Option<String>, keep_log: bool) -> Result<()> 
             http_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             watch_namespace: namespace,
             election: None,
-            service_account: None,
+            service_account: service_account.as_deref().map(account).transpose()?,
         },
     )
     .await?;
@@ -85,6 +89,14 @@ pub async fn run_child(namespace: Option<String>, keep_log: bool) -> Result<()> 
     Ok(())
 }
 
+/// `NAMESPACE/NAME` as a pair.
+fn account(text: &str) -> Result<(String, String)> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns.into(), name.into())),
+        _ => bail!("expected a ServiceAccount as NAMESPACE/NAME, got {text:?}"),
+    }
+}
+
 fn answer(request: &str, operator: &Operator, counter: &Counter) -> Report {
     let mut words = request.split_whitespace();
     let command = words.next().unwrap_or_default();
@@ -114,6 +126,52 @@ async fn serve_one(stream: TcpStream, answer: impl Fn(&str) -> Report) -> Result
     Ok(())
 }
 
+/// Where the bench runs its operators.
+pub enum OperatorSource<'a> {
+    /// `bin --operator-child`, logging to `log_dir/operator-<name>.log`.
+    Child {
+        bin: &'a Path,
+        log_dir: &'a Path,
+    },
+    InProcess,
+}
+
+impl OperatorSource<'_> {
+    /// Starts an operator watching `namespace` (all when `None`), signing role notifications
+    /// as `service_account` (NAMESPACE/NAME) if given; `name` names its log file.
+    pub async fn start(
+        &self,
+        testbed: &podium_testkit::testbed::Testbed,
+        namespace: Option<&str>,
+        service_account: Option<&str>,
+        keep_log: bool,
+        name: &str,
+    ) -> Result<OperatorUnderTest> {
+        match self {
+            OperatorSource::Child { bin, log_dir } => {
+                OperatorUnderTest::spawn(
+                    bin,
+                    testbed.kubeconfig_path(),
+                    namespace,
+                    service_account,
+                    keep_log,
+                    &log_dir.join(format!("operator-{name}.log")),
+                )
+                .await
+            }
+            OperatorSource::InProcess => {
+                OperatorUnderTest::in_process(
+                    testbed.config(),
+                    namespace,
+                    service_account,
+                    keep_log,
+                )
+                .await
+            }
+        }
+    }
+}
+
 /// The operator the bench measures, wherever it runs.
 pub enum OperatorUnderTest {
     Child {
@@ -131,11 +189,13 @@ pub enum OperatorUnderTest {
 
 impl OperatorUnderTest {
     /// Starts `bin bench --operator-child` with `KUBECONFIG=kubeconfig`, its stderr (the
-    /// operator's log) going to `log`.
+    /// operator's log) going to `log`. With a `service_account` (NAMESPACE/NAME) it sends role
+    /// notifications signed as that account.
     pub async fn spawn(
         bin: &Path,
         kubeconfig: &Path,
         namespace: Option<&str>,
+        service_account: Option<&str>,
         keep_log: bool,
         log: &Path,
     ) -> Result<OperatorUnderTest> {
@@ -143,6 +203,9 @@ impl OperatorUnderTest {
         command.args(["--operator-child"]);
         if let Some(ns) = namespace {
             command.args(["--child-namespace", ns]);
+        }
+        if let Some(account) = service_account {
+            command.args(["--child-service-account", account]);
         }
         if keep_log {
             command.arg("--child-log");
@@ -198,6 +261,7 @@ impl OperatorUnderTest {
     pub async fn in_process(
         config: kube::Config,
         namespace: Option<&str>,
+        service_account: Option<&str>,
         keep_log: bool,
     ) -> Result<OperatorUnderTest> {
         let counter = Counter::new(keep_log);
@@ -207,7 +271,7 @@ impl OperatorUnderTest {
                 http_addr: None,
                 watch_namespace: namespace.map(str::to_string),
                 election: None,
-                service_account: None,
+                service_account: service_account.map(account).transpose()?,
             },
         )
         .await?;

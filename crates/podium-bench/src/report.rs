@@ -7,6 +7,8 @@ use std::time::Duration;
 use super::Settings;
 use super::failover::{COST_ROWS, Cause, FailoverResults, floor};
 use super::floor::report as floor_report;
+use super::notify::NotifyResults;
+use super::notify::report as notify_report;
 use super::peers::{PeerConfig, PeerResults};
 use super::procstat::Machine;
 use super::scale::ScaleResults;
@@ -28,6 +30,7 @@ pub struct Report {
     /// The git commit the bench ran from, if it can tell.
     pub source: String,
     pub failover: Option<Result<FailoverResults, String>>,
+    pub notify: Option<Result<NotifyResults, String>>,
     pub peers: Vec<(PeerConfig, Result<PeerResults, String>)>,
     pub scale: Vec<(usize, Result<ScaleResults, String>)>,
 }
@@ -46,6 +49,7 @@ impl Report {
             operator_mode: String::new(),
             source: String::new(),
             failover: None,
+            notify: None,
             peers: Vec::new(),
             scale: Vec::new(),
         }
@@ -56,6 +60,9 @@ impl Report {
         let mut out = Vec::new();
         if let Some(Err(e)) = &self.failover {
             out.push(format!("failover: {e}"));
+        }
+        if let Some(failure) = self.notify.as_ref().and_then(notify_report::failure) {
+            out.push(format!("role notifications: {failure}"));
         }
         for (config, result) in &self.peers {
             if let Err(e) = result {
@@ -76,6 +83,10 @@ impl Report {
         self.latency(&mut md);
         if let Some(Ok(f)) = &self.failover {
             floor_report::failover(&mut md, f);
+        }
+        if let Some(notify) = &self.notify {
+            let failover = self.failover.as_ref().and_then(|f| f.as_ref().ok());
+            notify_report::section(&mut md, notify, failover);
         }
         self.scale_section(&mut md);
         floor_report::scale(&mut md, &self.scale);
@@ -109,8 +120,9 @@ impl Report {
         load_row(md, m, &self.load_end, self.load_peak);
         let _ = writeln!(
             md,
-            "| settings | {} failovers per trigger; peers: {} crash + {} step-down rounds; scale: G ∈ {{{}}}, TTL {} s, {:.0} s window, {} failovers |",
+            "| settings | {} failovers per trigger (notifications: TTL {} s); peers: {} crash + {} step-down rounds; scale: G ∈ {{{}}}, TTL {} s, {:.0} s window, {} failovers |",
             s.rounds,
+            s.notify_ttl_seconds,
             s.peer_crash_rounds,
             s.peer_graceful_rounds,
             s.groups
@@ -532,6 +544,7 @@ impl Report {
                 );
             }
         }
+        notify_report::goals(md, self.notify.as_ref());
         for (g, rss_goal_mib) in [(1000, 100.0), (10_000, 300.0)] {
             let at = self.scale.iter().find_map(|(n, r)| (*n == g).then_some(r));
             match at {

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::floor::election::ElectionFloor;
 use super::floor::renewal::{self, Renewals};
-use super::operator::OperatorUnderTest;
+use super::operator::{OperatorSource, OperatorUnderTest};
 use super::procstat;
 use super::{Progress, Rng, create_group, wait_group_eligible};
 use podium_core::crd::{
@@ -114,14 +114,6 @@ impl ScaleResults {
 }
 
 /// Where the operator comes from for each scale step.
-pub enum OperatorSource<'a> {
-    Child {
-        bin: &'a std::path::Path,
-        log_dir: &'a std::path::Path,
-    },
-    InProcess,
-}
-
 pub async fn run(
     testbed: &Testbed,
     client: &Client,
@@ -211,21 +203,9 @@ async fn with_operator(
     rng: &mut Rng,
 ) -> Result<()> {
     let g = params.groups;
-    let mut operator = match source {
-        OperatorSource::Child { bin, log_dir } => {
-            OperatorUnderTest::spawn(
-                bin,
-                testbed.kubeconfig_path(),
-                Some(ns),
-                false,
-                &log_dir.join(format!("operator-scale-{g}.log")),
-            )
-            .await?
-        }
-        OperatorSource::InProcess => {
-            OperatorUnderTest::in_process(testbed.config(), Some(ns), false).await?
-        }
-    };
+    let mut operator = source
+        .start(testbed, Some(ns), None, false, &format!("scale-{g}"))
+        .await?;
     // Its first lists of 3G pods take a while on a loaded control plane.
     let outcome = match operator.wait_ready(WAIT * 5).await {
         Ok(()) => measure(testbed, client, &operator, ns, params, results, rng).await,

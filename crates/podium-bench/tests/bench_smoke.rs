@@ -97,6 +97,28 @@ async fn quick_bench_reports_every_row() {
         );
         assert!(is_ratio(&goal[2]), "{goal:?}");
     }
+
+    // Role notifications: real `podium exec` pods, each row with its samples, floors and ratios.
+    for trigger in ["leader pod deleted", "leader Ready=False"] {
+        for until in ["new leader told `leader`", "new leader's command started"] {
+            let cells = row(md, &[trigger, until]);
+            assert_eq!(cells[2], "3", "rounds in {cells:?}");
+            assert!(is_ratio(&cells[8]), "a ratio to the floor in {cells:?}");
+        }
+    }
+    let told = row(md, &["new leader labelled", "new leader told `leader`"]);
+    assert!(
+        is_ratio(&told[8]) && is_ratio(&told[9]),
+        "ratios in {told:?}"
+    );
+    let floor = row(
+        md,
+        &["handover floor: decided", "new leader's command started"],
+    );
+    assert_eq!(floor[2], "6", "one floor handover per round: {floor:?}");
+    let overlaps = row(md, &["leader commands running at once", "never"]);
+    assert_eq!(overlaps[3], "yes", "{overlaps:?}");
+
     let scale_floor = md
         .lines()
         .filter(|l| l.starts_with("| 10 |"))

@@ -98,6 +98,37 @@ impl ProcessPods {
         self.dir.join("leader-work.log")
     }
 
+    /// Pod `name`'s `podium exec` log (JSON lines, one file across its restarts).
+    pub fn pod_log(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
+    /// When pod `name`'s `podium exec` took a `leader` message at `epoch`, in nanoseconds since
+    /// the Unix epoch, from its log: the time it was told, just before it starts its command.
+    pub fn notified_at(&self, name: &str, epoch: u64) -> Result<Option<u128>> {
+        let log = std::fs::read_to_string(self.pod_log(name))
+            .with_context(|| format!("reading {}", self.pod_log(name).display()))?;
+        leader_message_taken(&log, epoch)
+    }
+
+    /// The ServiceAccount tokens are signed as, `NAMESPACE/NAME`.
+    pub fn operator_account(&self) -> String {
+        format!("{}/{OPERATOR_ACCOUNT}", self.namespace)
+    }
+
+    /// The URL the operator sends pod `name`'s role messages to.
+    pub fn url(&self, name: &str) -> Result<String> {
+        let pod = self
+            .pods
+            .get(name)
+            .with_context(|| format!("no pod {name}"))?;
+        Ok(format!(
+            "http://{}:{NOTIFY_PORT}{}",
+            pod.ip,
+            podium_core::crd::DEFAULT_NOTIFY_PATH
+        ))
+    }
+
     /// The token subject `podium exec` expects.
     pub fn operator_subject(&self) -> String {
         format!(
@@ -155,7 +186,7 @@ impl ProcessPods {
         let output = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("{name}.log")))?;
+            .open(self.pod_log(name))?;
         let process = Command::new(&self.podium)
             .args([
                 "exec",
@@ -176,6 +207,7 @@ impl ProcessPods {
             .env("KUBECONFIG", &self.kubeconfig)
             .env("POD_NAME", name)
             .env("RUST_LOG", "info")
+            .env("PODIUM_LOG_FORMAT", "json")
             .stdin(Stdio::null())
             .stdout(output.try_clone()?)
             .stderr(output)
@@ -326,6 +358,28 @@ async fn wait_listening(ip: &str, port: u16) -> Result<()> {
     bail!("podium exec did not listen on {ip}:{port} within 5 s")
 }
 
+/// The time of the first `role` line for `leader` at `epoch` in a `podium exec` JSON log.
+fn leader_message_taken(log: &str, epoch: u64) -> Result<Option<u128>> {
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let field = |name: &str| event.get(name);
+        if field("message").and_then(|m| m.as_str()) == Some("role")
+            && field("role").and_then(|r| r.as_str()) == Some("leader")
+            && field("epoch").and_then(|e| e.as_u64()) == Some(epoch)
+        {
+            let at: jiff::Timestamp = field("timestamp")
+                .and_then(|t| t.as_str())
+                .with_context(|| format!("no timestamp in {line:?}"))?
+                .parse()
+                .with_context(|| format!("timestamp in {line:?}"))?;
+            return Ok(Some(u128::try_from(at.as_nanosecond()).unwrap_or(0)));
+        }
+    }
+    Ok(None)
+}
+
 /// One run of leader-only work as its log shows it; `stop` is `None` while it runs (or if it
 /// was killed before it could write).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -401,6 +455,19 @@ mod tests {
             ("b", "c")
         );
         assert!(overlaps(&runs[..2]).is_empty());
+    }
+
+    #[test]
+    fn the_leader_message_is_found_by_epoch() {
+        let log = concat!(
+            "{\"timestamp\":\"2026-12-05T19:00:00.000001Z\",\"level\":\"INFO\",\"message\":\"role\",\"role\":\"pending\",\"epoch\":3}\n",
+            "not json\n",
+            "{\"timestamp\":\"2026-12-05T19:00:00.250000Z\",\"level\":\"INFO\",\"message\":\"role\",\"role\":\"leader\",\"epoch\":3}\n",
+        );
+        let at = leader_message_taken(log, 3).unwrap().unwrap();
+        let expected: jiff::Timestamp = "2026-12-05T19:00:00.25Z".parse().unwrap();
+        assert_eq!(at, expected.as_nanosecond() as u128);
+        assert_eq!(leader_message_taken(log, 4).unwrap(), None);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use podium_core::election::Holder;
 use podium_core::notify::plan::{self, Delivered, GroupView, PodView};
 use podium_core::notify::{Ack, Link, NotifyRole, RoleMessage};
 
-pub use send::SendError;
+pub use send::{SendError, Sender};
 pub use token::TokenSource;
 
 use crate::metrics::Metrics;
