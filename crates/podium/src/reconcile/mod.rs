@@ -236,7 +236,9 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
         }
     }
     let failover_took = result?;
-    report::decided(ctx, group, &observed, &decision, failover_took, now).await?;
+    // The pods hear of the labels just written before the status write, which they do not
+    // need: that write's round trip would delay every handover of the application's work.
     report::notify(ctx, group, &observed, &decision);
+    report::decided(ctx, group, &observed, &decision, failover_took, now).await?;
     Ok(Action::requeue(decision.requeue_after))
 }
