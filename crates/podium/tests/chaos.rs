@@ -1052,6 +1052,19 @@ async fn two_real_replicas_frozen_inside_handovers_never_overlap_leader_processe
         max_delay.as_secs_f64(),
         found.len()
     );
+    let origin = all.first().map_or(0, |r| r.start_ns);
+    let ms = |ns: u128| (ns.saturating_sub(origin) / 1_000_000).to_string();
+    let listed: Vec<String> = all
+        .iter()
+        .map(|r| {
+            let stop = r.stop_ns.map_or("running".to_string(), ms);
+            format!("{}@{} {}..{}", r.pod, r.epoch, ms(r.start_ns), stop)
+        })
+        .collect();
+    println!(
+        "leader runs (ms after the first start): {}",
+        listed.join(", ")
+    );
     if !found.is_empty() {
         println!("leader runs: {all:#?}");
         println!("{}", replicas.tails(400));

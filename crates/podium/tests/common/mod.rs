@@ -8,37 +8,26 @@ use kube::{Client, ResourceExt};
 use podium::operator::{Operator, OperatorConfig};
 pub use podium_testkit::fixture::{Fixture, fixture, fixture_on};
 pub use podium_testkit::pod::{is_ready, pod_ip};
-use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{Kubelet, KubeletOptions};
 pub use podium_testkit::wait::wait_for;
 pub use podium_testkit::{checker, faults};
 use serde_json::Value;
 
 /// A fresh namespace on the shared testbed, with the CRD installed and a Ready node, where
-/// no simulated kubelet manages pods: the fixture's kubelet only looks at pods labelled
-/// `podium.test/simulated-kubelet=none`, which none is. For tests that play the kubelet
-/// themselves (`ProcessPods`).
+/// no simulated kubelet manages pods: the fixture's kubelet (replaced before any pod exists)
+/// only looks at pods labelled `podium.test/simulated-kubelet=none`, which none is. For tests
+/// that play the kubelet themselves (`ProcessPods`).
 pub async fn fixture_without_kubelet(prefix: &str) -> Fixture {
-    let testbed = Testbed::shared();
-    testbed.install_crd().await.expect("install CRD");
-    let ns = testbed
-        .create_namespace(prefix)
-        .await
-        .expect("create namespace");
-    let client = testbed.client();
-    let options = KubeletOptions::new(format!("node-{ns}"))
-        .namespace(&ns)
+    let mut f = fixture(prefix).await;
+    let options = KubeletOptions::new(f.kubelet.node())
+        .namespace(&f.ns)
         .label_selector("podium.test/simulated-kubelet=none")
         .bind_unscheduled(false)
         .finalize_after(None);
-    let kubelet = Kubelet::start(&client, options)
+    f.kubelet = Kubelet::start(&f.client, options)
         .await
         .expect("start kubelet");
-    Fixture {
-        client,
-        ns,
-        kubelet,
-    }
+    f
 }
 
 /// An operator watching only a fixture's namespace, without operator leader election.
