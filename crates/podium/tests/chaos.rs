@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::checker::Checker;
-use common::{Fixture, fixture, is_ready, pod_ip, start_operator, wait_for};
+use common::{
+    Fixture, fixture, fixture_without_kubelet, is_ready, pod_ip, start_operator, wait_for,
+};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -44,6 +46,9 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use podium::crd::{ROLE_LABEL, ROLE_LEADER};
+use podium_testkit::leader_process::{
+    NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, runs,
+};
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{set_pod_not_ready, set_pod_running_ready};
 use serde_json::json;
@@ -61,6 +66,9 @@ const APP: &str = "web";
 const PODS: usize = 4;
 /// The operator Lease TTL of the real processes: a frozen replica loses it within about 2 s.
 const OPERATOR_TTL_SECS: u64 = 2;
+/// The group's term with leader processes: a replica that takes the operator over activates
+/// nobody new for one term.
+const NOTIFY_TTL_SECS: u64 = 4;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -473,6 +481,8 @@ struct Replicas {
     dir: tempfile::TempDir,
     identities: Vec<String>,
     children: Vec<Option<Child>>,
+    /// Extra environment of every replica.
+    env: Vec<(String, String)>,
 }
 
 impl Drop for Replicas {
@@ -488,7 +498,7 @@ impl Drop for Replicas {
 }
 
 impl Replicas {
-    fn new(ns: &str, relay_port: u16, identities: &[&str]) -> Replicas {
+    fn new(ns: &str, relay_port: u16, identities: &[&str], env: &[(&str, String)]) -> Replicas {
         let testbed = Testbed::shared();
         let dir = tempfile::Builder::new()
             .prefix("podium-chaos-")
@@ -507,6 +517,10 @@ impl Replicas {
             dir,
             identities: identities.iter().map(|s| s.to_string()).collect(),
             children: identities.iter().map(|_| None).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
         }
     }
 
@@ -540,6 +554,7 @@ impl Replicas {
             .env_remove("POD_NAMESPACE")
             .env_remove("POD_NAME")
             .env_remove("KUBERNETES_SERVICE_HOST")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -616,21 +631,140 @@ enum Move {
     Nothing,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
-    let _serial = SERIAL.lock().await;
-    let rounds = env_number("PODIUM_CHAOS_ROUNDS", 20) as usize;
+/// Who plays the kubelet for the app's pods, and so what deleting one means.
+enum AppPods {
+    /// The fixture's simulated kubelet, under a Deployment that replaces a deleted pod.
+    Simulated,
+    /// Pods running real `podium exec` processes with leader-only work: deleting one stops its
+    /// process (SIGTERM) before the deletion is finalised, and a new pod takes its place.
+    Processes(Box<LeaderProcesses>),
+}
+
+struct LeaderProcesses {
+    pods: ProcessPods,
+    /// Pods started so far (named `web-0`, `web-1`, ...).
+    started: usize,
+    /// For each round, how long after its trigger the leader it settled on started its work.
+    activations: Vec<Duration>,
+}
+
+impl AppPods {
+    /// `PODS` pods of the app, each running a real `podium exec` whose leader-only work logs
+    /// its starts and stops to `dir`.
+    async fn processes(f: &Fixture, dir: &std::path::Path) -> AppPods {
+        let pods = ProcessPods::new(
+            &f.client,
+            &f.ns,
+            GROUP,
+            std::path::Path::new(env!("CARGO_BIN_EXE_podium")),
+            Testbed::shared().kubeconfig_path(),
+            dir,
+        )
+        .await
+        .expect("process pods");
+        let mut processes = LeaderProcesses {
+            pods,
+            started: 0,
+            activations: Vec::new(),
+        };
+        processes.replace_deleted(f).await;
+        AppPods::Processes(Box::new(processes))
+    }
+
+    async fn delete(&mut self, f: &Fixture, pod: &str) {
+        match self {
+            AppPods::Simulated => f.delete_pod(pod).await,
+            AppPods::Processes(p) => p.pods.delete(pod).await.expect("delete the pod"),
+        }
+    }
+
+    /// Starts new pods until the app has `PODS` again (the Deployment does that for simulated
+    /// pods).
+    async fn replace_deleted(&mut self, f: &Fixture) {
+        if let AppPods::Processes(p) = self {
+            p.replace_deleted(f).await;
+        }
+    }
+
+    /// Waits until the leader the group's Lease names runs its leader-only work at the Lease's
+    /// epoch; returns what to add to the round's line.
+    async fn activated(&mut self, watches: &Watches, triggered_ns: u128) -> String {
+        let AppPods::Processes(p) = self else {
+            return String::new();
+        };
+        let run = p.current_run(watches, Duration::from_secs(20)).await;
+        let delay = Duration::from_nanos(run.start_ns.saturating_sub(triggered_ns) as u64);
+        p.activations.push(delay);
+        format!(
+            "; its process started leader work {:.1}s after the trigger",
+            delay.as_secs_f64()
+        )
+    }
+}
+
+impl LeaderProcesses {
+    async fn replace_deleted(&mut self, f: &Fixture) {
+        let list = f
+            .pods()
+            .list(&ListParams::default().labels(&format!("app={APP}")))
+            .await
+            .expect("list pods");
+        let alive = list
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .count();
+        for _ in alive..PODS {
+            let name = format!("{APP}-{}", self.started);
+            self.started += 1;
+            self.pods.start(&name, APP).await.expect("start a pod");
+        }
+    }
+
+    fn runs(&self) -> Vec<Work> {
+        let text = std::fs::read_to_string(self.pods.log()).unwrap_or_default();
+        runs(&text).expect("the work log parses")
+    }
+
+    /// The run of the pod the group's Lease names, at the Lease's epoch, once it has started.
+    async fn current_run(&self, watches: &Watches, timeout: Duration) -> Work {
+        wait_for(
+            timeout,
+            "the leader's process to start its leader-only work at the current epoch",
+            || async {
+                let (holder, epoch) = watches.lease.borrow().clone();
+                let holder = holder?;
+                self.runs()
+                    .into_iter()
+                    .find(|r| r.pod == holder && r.epoch == epoch as u64)
+            },
+        )
+        .await
+    }
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The two real replicas' chaos, round after round (see the module's doc), on a group of
+/// `PODS` pods of `APP` whose kubelet `pods` plays, under `checker`. The replicas run with
+/// `env`; the group gets `spec` merged into its own.
+async fn two_replica_chaos(
+    f: &Fixture,
+    checker: &Checker,
+    pods: &mut AppPods,
+    rounds: usize,
+    env: &[(&str, String)],
+    spec: serde_json::Value,
+) -> Replicas {
     let latency = Duration::from_millis(env_number("PODIUM_CHAOS_LATENCY_MS", 25));
     let mut rng = Rng::seeded();
     println!(
         "chaos: {rounds} rounds, relay latency {latency:?}, seed {}",
         rng.0
     );
-
-    let f = fixture("chaos").await;
-    f.deploy(APP, PODS as i32).await;
-    let service = f.leader_service(APP).await;
-    let checker = Checker::start(&f.client, &f.ns, GROUP, Some(&service)).await;
     // I4 (a NotReady or terminating leader keeps its label) is suspended while a replica is
     // frozen on purpose, and allowed a few seconds otherwise: the relay slows every reaction.
     checker.set_reaction(Some(Duration::from_secs(5)));
@@ -642,18 +776,20 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
         .parse()
         .expect("the API server's address");
     let relay = start_relay(upstream, latency).await;
-    let mut replicas = Replicas::new(&f.ns, relay.port, &["chaos-a", "chaos-b"]);
+    let mut replicas = Replicas::new(&f.ns, relay.port, &["chaos-a", "chaos-b"], env);
     replicas.spawn(0);
     wait_for(
         Duration::from_secs(30),
         "chaos-a to hold the operator Lease",
-        || async { (operator_holder(&f).await.as_deref() == Some("chaos-a")).then_some(()) },
+        || async { (operator_holder(f).await.as_deref() == Some("chaos-a")).then_some(()) },
     )
     .await;
     replicas.spawn(1);
-    f.group(GROUP, APP, json!({ "leaseDurationSeconds": 4 }))
-        .await;
-    settled(&f, Duration::from_secs(30)).await;
+    let created_ns = now_ns();
+    f.group(GROUP, APP, spec).await;
+    settled(f, Duration::from_secs(30)).await;
+    let first = pods.activated(&watches, created_ns).await;
+    println!("the group settled{first}");
     // Let the standby list everything before it is needed.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -665,12 +801,12 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
         let round_started = Instant::now();
         // Start from a quiet group (a pod made Ready again may have drawn leadership back to
         // the preferred pod after the last round).
-        let (leader, _) = settled(&f, Duration::from_secs(30)).await;
+        let (leader, _) = settled(f, Duration::from_secs(30)).await;
         let active_identity = wait_for(
             Duration::from_secs(30),
             "a running replica to hold the operator Lease",
             || async {
-                let holder = operator_holder(&f).await?;
+                let holder = operator_holder(f).await?;
                 let i = replicas.index_of(&holder)?;
                 replicas.children[i].as_ref().map(|_| holder)
             },
@@ -678,6 +814,7 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
         .await;
         let active = replicas.index_of(&active_identity).expect("one of ours");
         let standby = 1 - active;
+        let standby_identity = replicas.identities[standby].clone();
         let trigger = [Trigger::Prefer, Trigger::NotReady, Trigger::Delete][round % 3];
         let freeze_on = if (round / 3) % 2 == 0 {
             FreezeOn::HolderChange
@@ -694,16 +831,17 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
                 .tripwire
                 .arm(replicas.pid(active), sig, freeze_on, Some(leader.clone()));
         let triggered_at = Instant::now();
+        let triggered_ns = now_ns();
         let mut target = None;
         match trigger {
             Trigger::Prefer => {
-                let candidates: Vec<String> = ready_pods(&f)
+                let candidates: Vec<String> = ready_pods(f)
                     .await
                     .into_iter()
                     .filter(|p| *p != leader && Some(p) != preferred.as_ref())
                     .collect();
                 let pod = rng.pick(&candidates).expect("a pod to prefer").clone();
-                prefer(&f, &pod).await;
+                prefer(f, &pod).await;
                 preferred = Some(pod.clone());
                 target = Some(pod);
             }
@@ -713,77 +851,94 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
                     .expect("make the leader NotReady");
                 not_ready.insert(leader.clone());
             }
-            Trigger::Delete => f.delete_pod(&leader).await,
+            // Below, while the pod is deleted: its process may take a moment to stop.
+            Trigger::Delete => {}
         }
-        let fired = match tokio::time::timeout(Duration::from_secs(20), fired).await {
-            Ok(Ok(fired)) => fired,
-            _ => {
-                watches.tripwire.disarm();
-                panic!(
-                    "round {round}: no handover write seen within 20 s of {trigger:?} on {leader}"
-                );
+        let deleting = async {
+            if let Trigger::Delete = trigger {
+                pods.delete(f, &leader).await;
             }
         };
-
-        // The active replica is frozen (or shutting down) right after a write of its own.
-        // Move leadership away from wherever it was heading.
-        let heading = watches.holder();
-        let exclude: Vec<Option<&str>> =
-            vec![Some(leader.as_str()), heading.as_deref(), target.as_deref()];
-        let others: Vec<String> = ready_pods(&f)
-            .await
-            .into_iter()
-            .filter(|p| !exclude.contains(&Some(p.as_str())))
-            .collect();
-        let moved_from_leader = heading.as_deref().is_some_and(|h| h != leader);
-        let mv = if round % 2 == 1 && moved_from_leader {
-            Move::NotReady(heading.clone().unwrap_or_default())
-        } else if let Some(pod) = rng.pick(&others) {
-            Move::Prefer(pod.clone())
-        } else if moved_from_leader {
-            Move::NotReady(heading.clone().unwrap_or_default())
-        } else {
-            Move::Nothing
-        };
-        match &mv {
-            Move::Prefer(pod) => {
-                prefer(&f, pod).await;
-                preferred = Some(pod.clone());
-            }
-            Move::NotReady(pod) => {
-                if set_pod_not_ready(&f.client, &f.ns, pod).await.is_ok() {
-                    not_ready.insert(pod.clone());
+        let handover = async {
+            let fired = match tokio::time::timeout(Duration::from_secs(20), fired).await {
+                Ok(Ok(fired)) => fired,
+                _ => {
+                    watches.tripwire.disarm();
+                    panic!(
+                        "round {round}: no handover write seen within 20 s of {trigger:?} on {leader}"
+                    );
                 }
-            }
-            Move::Nothing => {}
-        }
+            };
 
-        // The standby takes the operator over and moves leadership.
-        let standby_identity = replicas.identities[standby].clone();
-        let takeover = wait_for(
-            Duration::from_secs(20),
-            &format!("round {round}: {standby_identity} to take the operator Lease over"),
-            || async {
-                (operator_holder(&f).await.as_deref() == Some(standby_identity.as_str()))
-                    .then(Instant::now)
-            },
-        )
-        .await;
-        let (acted, acted_at) = wait_for(
-            Duration::from_secs(20),
-            &format!("round {round}: {standby_identity} to move leadership ({mv:?})"),
-            || async {
-                let holder = watches.holder()?;
-                let wanted = match &mv {
-                    Move::Prefer(pod) => holder == *pod,
-                    Move::NotReady(pod) => holder != *pod && holder != leader,
-                    Move::Nothing => holder != leader,
-                };
-                let labelled = f.leaders().await.iter().any(|p| p.name_any() == holder);
-                (wanted && labelled).then(|| (holder, Instant::now()))
-            },
-        )
-        .await;
+            // The active replica is frozen (or shutting down) right after a write of its own.
+            // Move leadership away from wherever it was heading.
+            let heading = watches.holder();
+            let exclude: Vec<Option<&str>> =
+                vec![Some(leader.as_str()), heading.as_deref(), target.as_deref()];
+            let others: Vec<String> = ready_pods(f)
+                .await
+                .into_iter()
+                .filter(|p| !exclude.contains(&Some(p.as_str())))
+                .collect();
+            let moved_from_leader = heading.as_deref().is_some_and(|h| h != leader);
+            let mv = if round % 2 == 1 && moved_from_leader {
+                Move::NotReady(heading.clone().unwrap_or_default())
+            } else if let Some(pod) = rng.pick(&others) {
+                Move::Prefer(pod.clone())
+            } else if moved_from_leader {
+                Move::NotReady(heading.clone().unwrap_or_default())
+            } else {
+                Move::Nothing
+            };
+            match &mv {
+                Move::Prefer(pod) => {
+                    prefer(f, pod).await;
+                    preferred = Some(pod.clone());
+                }
+                Move::NotReady(pod) => {
+                    if set_pod_not_ready(&f.client, &f.ns, pod).await.is_ok() {
+                        not_ready.insert(pod.clone());
+                    }
+                }
+                Move::Nothing => {}
+            }
+
+            // The standby takes the operator over and moves leadership.
+            let takeover = wait_for(
+                Duration::from_secs(20),
+                &format!("round {round}: {standby_identity} to take the operator Lease over"),
+                || async {
+                    (operator_holder(f).await.as_deref() == Some(standby_identity.as_str()))
+                        .then(Instant::now)
+                },
+            )
+            .await;
+            let (acted, acted_at) = wait_for(
+                Duration::from_secs(20),
+                &format!("round {round}: {standby_identity} to move leadership ({mv:?})"),
+                || async {
+                    let holder = watches.holder()?;
+                    let wanted = match &mv {
+                        Move::Prefer(pod) => holder == *pod,
+                        Move::NotReady(pod) => holder != *pod && holder != leader,
+                        Move::Nothing => holder != leader,
+                    };
+                    let labelled = f.leaders().await.iter().any(|p| p.name_any() == holder);
+                    (wanted && labelled).then(|| (holder, Instant::now()))
+                },
+            )
+            .await;
+            format!(
+                "SIG{sig} {active_identity} on {freeze_on:?} {:?} later ({}); frozen heading to \
+                 {heading:?}; moved {mv:?}; {standby_identity} took over after {:.1}s and made \
+                 {acted} leader after {:.1}s",
+                fired.at.duration_since(triggered_at),
+                fired.what,
+                takeover.duration_since(fired.at).as_secs_f64(),
+                acted_at.duration_since(fired.at).as_secs_f64(),
+            )
+        };
+        let ((), handover) = tokio::join!(deleting, handover);
 
         // Resume the frozen replica with whatever it had in flight, or start the stopped one
         // again.
@@ -800,9 +955,11 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
         };
         tokio::time::sleep(Duration::from_millis(1500)).await;
 
-        restore_ready(&f, &mut not_ready).await;
+        restore_ready(f, &mut not_ready).await;
+        pods.replace_deleted(f).await;
         f.wait_ready(APP, PODS).await;
-        let (next, epoch) = settled(&f, Duration::from_secs(30)).await;
+        let (next, epoch) = settled(f, Duration::from_secs(30)).await;
+        let activated = pods.activated(&watches, triggered_ns).await;
         checker.resume_i4();
         let violations = checker.violations();
         let new = &violations[violations_before..];
@@ -810,14 +967,8 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
             rounds_with_violations += 1;
         }
         println!(
-            "round {round:>2}: {trigger:?} on {leader}; SIG{sig} {active_identity} on {freeze_on:?} \
-             {:?} later ({}); frozen heading to {heading:?}; moved {mv:?}; {standby_identity} took \
-             over after {:.1}s and made {acted} leader after {:.1}s; {active_identity} {resumed}; \
-             settled on {next} at epoch {epoch} ({:.1}s); new violations: {}{}",
-            fired.at.duration_since(triggered_at),
-            fired.what,
-            takeover.duration_since(fired.at).as_secs_f64(),
-            acted_at.duration_since(fired.at).as_secs_f64(),
+            "round {round:>2}: {trigger:?} on {leader}; {handover}; {active_identity} {resumed}; \
+             settled on {next} at epoch {epoch} ({:.1}s){activated}; new violations: {}{}",
             round_started.elapsed().as_secs_f64(),
             new.len(),
             if new.is_empty() {
@@ -842,8 +993,93 @@ async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
         1,
         "exactly one leader at the end: {leaders:?}"
     );
-    drop(replicas);
     drop(relay);
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_real_replicas_frozen_inside_handovers_never_show_two_leaders() {
+    let _serial = SERIAL.lock().await;
+    let rounds = env_number("PODIUM_CHAOS_ROUNDS", 20) as usize;
+    let f = fixture("chaos").await;
+    f.deploy(APP, PODS as i32).await;
+    let service = f.leader_service(APP).await;
+    let checker = Checker::start(&f.client, &f.ns, GROUP, Some(&service)).await;
+    let spec = json!({ "leaseDurationSeconds": 4 });
+    two_replica_chaos(&f, &checker, &mut AppPods::Simulated, rounds, &[], spec).await;
+}
+
+/// The same chaos on pods that run real leader-only processes (`spec.notify`, `podium exec`),
+/// which this test plays the kubelet for: on top of never two leader labels, no two leader
+/// processes ever run at once, and the leader's process really moves with every handover.
+/// `PODIUM_CHAOS_NOTIFY_ROUNDS` (default 8) sets the number of rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_real_replicas_frozen_inside_handovers_never_overlap_leader_processes() {
+    let _serial = SERIAL.lock().await;
+    let rounds = env_number("PODIUM_CHAOS_NOTIFY_ROUNDS", 8) as usize;
+    let f = fixture_without_kubelet("chaos-notify").await;
+    let dir = tempfile::Builder::new()
+        .prefix("podium-chaos-notify-")
+        .tempdir()
+        .expect("temp dir");
+    let checker = Checker::start(&f.client, &f.ns, GROUP, None).await;
+    let mut pods = AppPods::processes(&f, dir.path()).await;
+    f.wait_ready(APP, PODS).await;
+    let account = [(
+        "PODIUM_SERVICE_ACCOUNT",
+        format!("{}/{OPERATOR_ACCOUNT}", f.ns),
+    )];
+    let spec =
+        json!({ "leaseDurationSeconds": NOTIFY_TTL_SECS, "notify": { "port": NOTIFY_PORT } });
+    let replicas = two_replica_chaos(&f, &checker, &mut pods, rounds, &account, spec).await;
+
+    let AppPods::Processes(p) = &pods else {
+        unreachable!("process pods")
+    };
+    let all = p.runs();
+    let found = overlaps(&all);
+    let distinct: BTreeSet<(&str, u64)> = all.iter().map(|r| (r.pod.as_str(), r.epoch)).collect();
+    let pods_run: BTreeSet<&str> = all.iter().map(|r| r.pod.as_str()).collect();
+    let handovers = all.windows(2).filter(|w| w[0].pod != w[1].pod).count();
+    let max_delay = p.activations.iter().max().copied().unwrap_or_default();
+    println!(
+        "notify chaos summary: {rounds} rounds, {} leader runs ({} pod/epoch pairs on {} pods), \
+         {handovers} handovers moved the leader process, max activation delay {:.1}s after a \
+         trigger (term {NOTIFY_TTL_SECS}s), {} overlaps",
+        all.len(),
+        distinct.len(),
+        pods_run.len(),
+        max_delay.as_secs_f64(),
+        found.len()
+    );
+    let origin = all.first().map_or(0, |r| r.start_ns);
+    let ms = |ns: u128| (ns.saturating_sub(origin) / 1_000_000).to_string();
+    let listed: Vec<String> = all
+        .iter()
+        .map(|r| {
+            let stop = r.stop_ns.map_or("running".to_string(), ms);
+            format!("{}@{} {}..{}", r.pod, r.epoch, ms(r.start_ns), stop)
+        })
+        .collect();
+    println!(
+        "leader runs (ms after the first start): {}",
+        listed.join(", ")
+    );
+    if !found.is_empty() {
+        println!("leader runs: {all:#?}");
+        println!("{}", replicas.tails(400));
+        for name in p.pods.pods.keys() {
+            let log = dir.path().join(format!("{name}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            println!("--- podium exec in {name}\n{text}");
+        }
+    }
+    assert!(found.is_empty(), "leader processes overlapped: {found:#?}");
+    assert!(
+        distinct.len() > rounds && pods_run.len() > 1,
+        "the leader process hardly moved: {all:#?}"
+    );
+    drop(replicas);
 }
 
 // ---------------------------------------------------------------------------------------------

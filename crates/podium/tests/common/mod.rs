@@ -8,9 +8,27 @@ use kube::{Client, ResourceExt};
 use podium::operator::{Operator, OperatorConfig};
 pub use podium_testkit::fixture::{Fixture, fixture, fixture_on};
 pub use podium_testkit::pod::{is_ready, pod_ip};
+use podium_testkit::testbed::kubelet::{Kubelet, KubeletOptions};
 pub use podium_testkit::wait::wait_for;
 pub use podium_testkit::{checker, faults};
 use serde_json::Value;
+
+/// A fresh namespace on the shared testbed, with the CRD installed and a Ready node, where
+/// no simulated kubelet manages pods: the fixture's kubelet (replaced before any pod exists)
+/// only looks at pods labelled `podium.test/simulated-kubelet=none`, which none is. For tests
+/// that play the kubelet themselves (`ProcessPods`).
+pub async fn fixture_without_kubelet(prefix: &str) -> Fixture {
+    let mut f = fixture(prefix).await;
+    let options = KubeletOptions::new(f.kubelet.node())
+        .namespace(&f.ns)
+        .label_selector("podium.test/simulated-kubelet=none")
+        .bind_unscheduled(false)
+        .finalize_after(None);
+    f.kubelet = Kubelet::start(&f.client, options)
+        .await
+        .expect("start kubelet");
+    f
+}
 
 /// An operator watching only a fixture's namespace, without operator leader election.
 pub trait RunOperator {
