@@ -99,21 +99,15 @@ pub async fn run(
     source: &OperatorSource<'_>,
     params: &NotifyParams<'_>,
 ) -> Result<NotifyResults> {
-    let ns = testbed.create_namespace("bench-notify").await?;
-    let dir = testbed.log_dir().join(&ns);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut pods = ProcessPods::new(
+    let (ns, pods) = process_pods(
+        testbed,
         client,
-        &ns,
+        "bench-notify",
         APP,
+        REPLICAS,
         params.exec_bin,
-        testbed.kubeconfig_path(),
-        &dir,
     )
     .await?;
-    for i in 0..REPLICAS {
-        pods.start(&format!("{APP}-{i}"), APP).await?;
-    }
     let watch = PodWatch::start(client, &ns, Some(&format!("app={APP}")), APP);
     let mut operator = source
         .start(
@@ -362,22 +356,9 @@ struct HandoverFloor {
 impl HandoverFloor {
     async fn start(testbed: &Testbed, client: &Client, exec_bin: &Path) -> Result<HandoverFloor> {
         const GROUP: &str = "floor";
-        let ns = testbed.create_namespace("bench-notify-floor").await?;
-        let dir = testbed.log_dir().join(&ns);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut pods = ProcessPods::new(
-            client,
-            &ns,
-            GROUP,
-            exec_bin,
-            testbed.kubeconfig_path(),
-            &dir,
-        )
-        .await?;
+        let (ns, pods) =
+            process_pods(testbed, client, "bench-notify-floor", GROUP, 2, exec_bin).await?;
         let names = [format!("{GROUP}-0"), format!("{GROUP}-1")];
-        for name in &names {
-            pods.start(name, GROUP).await?;
-        }
         Ok(HandoverFloor {
             pods,
             names,
@@ -502,6 +483,27 @@ impl HandoverFloor {
             super::stats::ms(between(t0_ns, started.start_ns))
         ))
     }
+}
+
+/// A fresh namespace with `count` pods `<app>-<i>` labelled `app=<app>`, each running
+/// `exec_bin exec` for group `<app>`, logging under the testbed's log directory.
+async fn process_pods(
+    testbed: &Testbed,
+    client: &Client,
+    prefix: &str,
+    app: &str,
+    count: usize,
+    exec_bin: &Path,
+) -> Result<(String, ProcessPods)> {
+    let ns = testbed.create_namespace(prefix).await?;
+    let dir = testbed.log_dir().join(&ns);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut pods =
+        ProcessPods::new(client, &ns, app, exec_bin, testbed.kubeconfig_path(), &dir).await?;
+    for i in 0..count {
+        pods.start(&format!("{app}-{i}"), app).await?;
+    }
+    Ok((ns, pods))
 }
 
 /// The pods' leader runs and every overlapping pair, described.
