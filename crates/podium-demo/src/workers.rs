@@ -3,7 +3,7 @@
 //! role; a new leader's command starts only once the old one has stopped.
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
@@ -12,7 +12,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use podium_core::crd::{ElectionGroup, ROLE_LABEL, ROLE_LEADER};
-use podium_testkit::leader_process::{ProcessPods, Work, overlaps, runs};
+use podium_testkit::leader_process::{ProcessPods, Work, overlaps, unix_nanos};
 
 use super::{NAMESPACE, Ui};
 
@@ -47,22 +47,11 @@ pub struct Takeover {
     pub after: Duration,
 }
 
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
-}
-
-fn read_runs(pods: &ProcessPods) -> Result<Vec<Work>> {
-    let text = std::fs::read_to_string(pods.log()).unwrap_or_default();
-    runs(&text)
-}
-
 async fn next_run(pods: &ProcessPods, after: usize, not: Option<&str>) -> Result<Work> {
     let deadline = Instant::now() + TAKEOVER_TIMEOUT;
     loop {
-        if let Some(run) = read_runs(pods)?
+        if let Some(run) = pods
+            .runs()?
             .into_iter()
             .skip(after)
             .find(|r| Some(r.pod.as_str()) != not)
@@ -128,8 +117,8 @@ pub async fn story<W: Write>(
     let mut takeovers = Vec::new();
     let mut leader = first;
     for how in ["its process is stopped", "its pod is deleted"] {
-        let count = read_runs(pods)?.len();
-        let started = now_ns();
+        let count = pods.runs()?.len();
+        let started = unix_nanos();
         let old = leader.pod.clone();
         if how == "its process is stopped" {
             ui.command(&format!("kill -TERM <podium exec in {old}>"))?;
@@ -169,7 +158,7 @@ pub async fn story<W: Write>(
         });
         leader = next;
     }
-    let all = read_runs(pods)?;
+    let all = pods.runs()?;
     let overlapping = overlaps(&all).len();
     ui.ok(format!(
         "{} leader runs in the workers' shared log, {overlapping} overlapping",

@@ -98,6 +98,12 @@ impl ProcessPods {
         self.dir.join("leader-work.log")
     }
 
+    /// The leader runs the shared log shows so far.
+    pub fn runs(&self) -> Result<Vec<Work>> {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        runs(&text)
+    }
+
     /// Pod `name`'s `podium exec` log (JSON lines, one file across its restarts).
     pub fn pod_log(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.log"))
@@ -356,6 +362,13 @@ async fn wait_listening(ip: &str, port: u16) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     bail!("podium exec did not listen on {ip}:{port} within 5 s")
+}
+
+/// Now, in nanoseconds since the Unix epoch: the clock the work log's lines use.
+pub fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 /// The time of the first `role` line for `leader` at `epoch` in a `podium exec` JSON log.

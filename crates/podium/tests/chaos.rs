@@ -47,7 +47,7 @@ use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, ResourceExt};
 use podium::crd::{ROLE_LABEL, ROLE_LEADER};
 use podium_testkit::leader_process::{
-    NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, runs,
+    NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, unix_nanos,
 };
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{set_pod_not_ready, set_pod_running_ready};
@@ -721,8 +721,7 @@ impl LeaderProcesses {
     }
 
     fn runs(&self) -> Vec<Work> {
-        let text = std::fs::read_to_string(self.pods.log()).unwrap_or_default();
-        runs(&text).expect("the work log parses")
+        self.pods.runs().expect("the work log parses")
     }
 
     /// The run of the pod the group's Lease names, at the Lease's epoch, once it has started.
@@ -740,12 +739,6 @@ impl LeaderProcesses {
         )
         .await
     }
-}
-
-fn now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
 }
 
 /// The two real replicas' chaos, round after round (see the module's doc), on a group of
@@ -785,7 +778,7 @@ async fn two_replica_chaos(
     )
     .await;
     replicas.spawn(1);
-    let created_ns = now_ns();
+    let created_ns = unix_nanos();
     f.group(GROUP, APP, spec).await;
     settled(f, Duration::from_secs(30)).await;
     let first = pods.activated(&watches, created_ns).await;
@@ -831,7 +824,7 @@ async fn two_replica_chaos(
                 .tripwire
                 .arm(replicas.pid(active), sig, freeze_on, Some(leader.clone()));
         let triggered_at = Instant::now();
-        let triggered_ns = now_ns();
+        let triggered_ns = unix_nanos();
         let mut target = None;
         match trigger {
             Trigger::Prefer => {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use podium::operator::{Operator, OperatorConfig};
-use podium_testkit::leader_process::{OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, runs};
+use podium_testkit::leader_process::{OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, unix_nanos};
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::set_pod_not_ready;
 use podium_testkit::wait::wait_for;
@@ -30,8 +30,7 @@ async fn start_operator(client: kube::Client, ns: &str) -> Operator {
 }
 
 fn read_runs(pods: &ProcessPods) -> Vec<Work> {
-    let text = std::fs::read_to_string(pods.log()).unwrap_or_default();
-    runs(&text).expect("the work log parses")
+    pods.runs().expect("the work log parses")
 }
 
 /// Waits for a run that started after `after` runs, on a pod other than `not`, and returns it.
@@ -47,13 +46,6 @@ async fn next_run(pods: &ProcessPods, after: usize, not: Option<&str>, timeout: 
 
 fn millis_between(earlier_ns: u128, later_ns: u128) -> i128 {
     (later_ns as i128 - earlier_ns as i128) / 1_000_000
-}
-
-fn now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +104,7 @@ async fn leader_only_processes_never_overlap() {
 
     // Delete the leader's pod: its process is stopped by the kubelet, then the pod goes.
     let count = read_runs(&pods).len();
-    let deleted_at = now_ns();
+    let deleted_at = unix_nanos();
     pods.delete(&first.pod).await.expect("delete leader pod");
     let second = next_run(&pods, count, Some(&first.pod), Duration::from_secs(20)).await;
     println!(
@@ -127,7 +119,7 @@ async fn leader_only_processes_never_overlap() {
     // NotReady: the operator demotes the leader, its process stops and acknowledges, and
     // only then does the new leader's process start.
     let count = read_runs(&pods).len();
-    let not_ready_at = now_ns();
+    let not_ready_at = unix_nanos();
     set_pod_not_ready(&client, &ns, &second.pod)
         .await
         .expect("NotReady");
@@ -155,7 +147,7 @@ async fn leader_only_processes_never_overlap() {
     // process waits until the frozen one's term has surely run out.
     let count = after_restart.len();
     pods.freeze(&third.pod, true).expect("freeze");
-    let frozen_at = now_ns();
+    let frozen_at = unix_nanos();
     set_pod_not_ready(&client, &ns, &third.pod)
         .await
         .expect("NotReady");
@@ -171,7 +163,7 @@ async fn leader_only_processes_never_overlap() {
         "activated {waited} ms after the freeze, before the frozen leader's term could end"
     );
     pods.freeze(&third.pod, false).expect("thaw");
-    let thawed_at = now_ns();
+    let thawed_at = unix_nanos();
     let frozen_run = wait_for(
         Duration::from_secs(10),
         "the thawed process to stop",

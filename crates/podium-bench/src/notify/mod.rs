@@ -26,7 +26,7 @@ use podium_core::crd::ElectionGroup;
 use podium_core::notify::{NotifyRole, RoleMessage};
 use podium_testkit::fixture;
 use podium_testkit::leader_process::{
-    NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, runs,
+    NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, unix_nanos,
 };
 use podium_testkit::observe::PodWatch;
 use podium_testkit::prometheus::samples;
@@ -222,14 +222,9 @@ async fn first_run(pods: &ProcessPods, timeout: Duration) -> Result<Work> {
         timeout,
         Duration::from_millis(20),
         "the first leader command",
-        async || Ok(read_runs(pods)?.into_iter().next()),
+        async || Ok(pods.runs()?.into_iter().next()),
     )
     .await
-}
-
-fn read_runs(pods: &ProcessPods) -> Result<Vec<Work>> {
-    let text = std::fs::read_to_string(pods.log()).unwrap_or_default();
-    runs(&text)
 }
 
 /// One failover, its samples added to `out`; a line for the progress.
@@ -252,17 +247,19 @@ async fn one_round(setup: &mut Setup, cause: Cause, out: &mut TriggerResults) ->
         Duration::from_millis(20),
         "the leader's command to run",
         async || {
-            Ok(read_runs(&setup.pods)?
+            Ok(setup
+                .pods
+                .runs()?
                 .into_iter()
                 .rfind(|r| r.pod == old && r.stop_ns.is_none()))
         },
     )
     .await?;
     setup.operator.wait_quiet(QUIET, WAIT).await?;
-    let before = read_runs(&setup.pods)?.len();
+    let before = setup.pods.runs()?.len();
 
     let t0 = Instant::now();
-    let t0_ns = now_ns();
+    let t0_ns = unix_nanos();
     match cause {
         Cause::Deleted => setup.pods.delete(&old).await?,
         Cause::NotReady => {
@@ -274,7 +271,9 @@ async fn one_round(setup: &mut Setup, cause: Cause, out: &mut TriggerResults) ->
         Duration::from_millis(5),
         "the new leader's command",
         async || {
-            Ok(read_runs(&setup.pods)?
+            Ok(setup
+                .pods
+                .runs()?
                 .into_iter()
                 .skip(before)
                 .find(|r| r.pod != old))
@@ -306,7 +305,9 @@ async fn one_round(setup: &mut Setup, cause: Cause, out: &mut TriggerResults) ->
         Duration::from_millis(5),
         "the old command's stop",
         async || {
-            Ok(read_runs(&setup.pods)?
+            Ok(setup
+                .pods
+                .runs()?
                 .into_iter()
                 .find(|r| r.pod == old_run.pod && r.start_ns == old_run.start_ns)
                 .and_then(|r| r.stop_ns))
@@ -445,7 +446,7 @@ impl HandoverFloor {
             .await?
             .nonce;
         let epoch = self.epoch + 1;
-        let t0_ns = now_ns();
+        let t0_ns = unix_nanos();
         let demoted = self
             .send(old, &self.message(old, NotifyRole::Follower, epoch, None))
             .await?;
@@ -465,7 +466,9 @@ impl HandoverFloor {
             Duration::from_millis(5),
             "the floor's command",
             async || {
-                Ok(read_runs(&self.pods)?
+                Ok(self
+                    .pods
+                    .runs()?
                     .into_iter()
                     .find(|r| &r.pod == name && r.epoch == epoch))
             },
@@ -508,7 +511,7 @@ async fn process_pods(
 
 /// The pods' leader runs and every overlapping pair, described.
 fn overlapping(pods: &ProcessPods) -> Result<(usize, Vec<String>)> {
-    let all = read_runs(pods)?;
+    let all = pods.runs()?;
     let found = overlaps(&all)
         .into_iter()
         .map(|(a, b)| {
@@ -532,12 +535,6 @@ fn notifications(metrics: &str) -> BTreeMap<String, u64> {
             )
         })
         .collect()
-}
-
-fn now_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
 }
 
 /// From `earlier` to `later` (nanoseconds since the Unix epoch), zero if `later` is earlier.
