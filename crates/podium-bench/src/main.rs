@@ -15,12 +15,19 @@ struct Cli {
     bench: BenchArgs,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     // `podium-bench exec ...` is `podium exec ...`: the notification section runs it in its
     // pods, and this executable is the one the bench is sure to have.
     if std::env::args().nth(1).as_deref() == Some("exec") {
-        return podium_bench::run_exec(std::env::args().skip(1)).await;
+        return tokio::runtime::Runtime::new()?
+            .block_on(podium_bench::run_exec(std::env::args().skip(1)));
     }
-    run(<Cli as clap::Parser>::parse().bench).await
+    let args = <Cli as clap::Parser>::parse().bench;
+    let runtime = if args.operator_child {
+        // The operator under test runs on the runtime `podium run` would choose here.
+        podium::operator::runtime(podium::cli::RunArgs::from_env().worker_threads)?
+    } else {
+        tokio::runtime::Runtime::new()?
+    };
+    runtime.block_on(run(args))
 }

@@ -114,6 +114,11 @@ pub struct RunArgs {
     /// Log format; RUST_LOG sets levels (default info).
     #[arg(long, env = "PODIUM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Threads that run the operator. One costs the least CPU per renewal; more can help with
+    /// many thousands of groups on a node with cores to spare.
+    #[arg(long, env = "PODIUM_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
 }
 
 impl Default for RunArgs {

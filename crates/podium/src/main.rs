@@ -4,13 +4,19 @@ use clap::Parser;
 use podium::cli::{Cli, Command, RunArgs};
 use podium::{crd, ctl, exec, operator, telemetry};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli
+fn main() -> anyhow::Result<()> {
+    let command = Cli::parse()
         .command
-        .unwrap_or_else(|| Command::Run(RunArgs::from_env()))
-    {
+        .unwrap_or_else(|| Command::Run(RunArgs::from_env()));
+    let runtime = match &command {
+        Command::Run(args) => operator::runtime(args.worker_threads)?,
+        _ => tokio::runtime::Runtime::new()?,
+    };
+    runtime.block_on(run(command))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Crd => {
             print!("{}", crd::crd_yaml());
             Ok(())
