@@ -145,6 +145,21 @@ impl<K: Resource<DynamicType = ()> + Clone> Index<K> {
             .unwrap_or_default()
     }
 
+    /// The objects of `store` filed under `key`, looked up under the index's lock instead of
+    /// through a copy of their references (a reconcile makes several such lookups).
+    pub fn objects(&self, store: &Store<K>, key: &Key) -> Vec<std::sync::Arc<K>>
+    where
+        K: 'static,
+    {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state
+            .live
+            .by_key
+            .get(key)
+            .map(|set| set.iter().filter_map(|r| store.get(r)).collect())
+            .unwrap_or_default()
+    }
+
     /// How many objects are filed under `key`, to pick the narrowest of several.
     fn len(&self, key: &Key) -> usize {
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
@@ -222,7 +237,8 @@ pub fn selected_pods(
         .min_by_key(|(len, _)| *len)
         .map(|(_, key)| key)
         .unwrap_or_else(|| Key::Namespace(namespace.to_owned()));
-    lookup(pods, index, &candidates)
+    index
+        .objects(pods, &candidates)
         .into_iter()
         .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
         .filter(|p| selector::matches(selector, p.metadata.labels.as_ref()))
@@ -261,17 +277,17 @@ pub fn touched_pods(
     namespace: &str,
     group: &str,
 ) -> Vec<std::sync::Arc<Pod>> {
-    lookup(
-        pods,
-        index,
-        &Key::Touched {
-            namespace: namespace.to_owned(),
-            group: group.to_owned(),
-        },
-    )
-    .into_iter()
-    .filter(|p| p.annotations().get(GROUP_ANNOTATION).map(String::as_str) == Some(group))
-    .collect()
+    index
+        .objects(
+            pods,
+            &Key::Touched {
+                namespace: namespace.to_owned(),
+                group: group.to_owned(),
+            },
+        )
+        .into_iter()
+        .filter(|p| p.annotations().get(GROUP_ANNOTATION).map(String::as_str) == Some(group))
+        .collect()
 }
 
 /// The groups in the pod's namespace whose selector matches it.
@@ -291,21 +307,17 @@ pub fn groups_selecting(
         })
         .collect();
     keys.push(Key::RequiresNothing(namespace.clone()));
-    let mut seen = HashSet::new();
-    keys.iter()
-        .flat_map(|key| index.get(key))
-        .filter(|r| seen.insert(r.clone()))
-        .filter_map(|r| groups.get(&r))
-        .filter(|g| g.metadata.namespace.as_deref() == Some(namespace.as_str()))
-        .filter(|g| selector::matches(&g.spec.selector, pod.metadata.labels.as_ref()))
-        .collect()
-}
-
-fn lookup<K>(store: &Store<K>, index: &Index<K>, key: &Key) -> Vec<std::sync::Arc<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    index.get(key).iter().filter_map(|r| store.get(r)).collect()
+    let mut found: Vec<std::sync::Arc<ElectionGroup>> = Vec::new();
+    for group in keys.iter().flat_map(|key| index.objects(groups, key)) {
+        // A group may be filed under several of the pod's labels.
+        if !found.iter().any(|g| g.metadata.name == group.metadata.name)
+            && group.metadata.namespace.as_deref() == Some(namespace.as_str())
+            && selector::matches(&group.spec.selector, pod.metadata.labels.as_ref())
+        {
+            found.push(group);
+        }
+    }
+    found
 }
 
 #[cfg(test)]

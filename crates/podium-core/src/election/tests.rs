@@ -1,6 +1,7 @@
 use super::*;
-use crate::crd::{ROLE_LEADER, SwitchoverRequest};
+use crate::crd::{ElectionGroupStatus, ROLE_LEADER, SwitchoverRequest};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use proptest::prelude::*;
 
 const GROUP: &str = "web";
@@ -598,6 +599,112 @@ fn status_reports_leader_and_conditions() {
     // Same decision later: no transition times move, so nothing needs writing.
     let again = status::from_decision(Some(&st), &d, &[], Some(3), t(200));
     assert!(!status::differs(Some(&st), &again));
+}
+
+#[test]
+fn status_differs_in_every_field_but_condition_times_and_order() {
+    let s = spec();
+    let d = decide(&observe(
+        &s,
+        vec![member("a", 0), member("b", 0)],
+        LeaseState::Absent,
+        100,
+    ));
+    let base = status::from_decision(None, &d, &[], Some(3), t(100));
+    assert!(base.conditions.len() > 1);
+
+    let mut same = base.clone();
+    same.conditions.reverse();
+    for c in &mut same.conditions {
+        c.last_transition_time = Time(t(500));
+    }
+    assert!(!status::differs(Some(&base), &same));
+    assert!(!status::differs(Some(&same), &base));
+
+    let outcome = crate::crd::SwitchoverOutcome {
+        id: "x".into(),
+        result: "Succeeded".into(),
+        message: String::new(),
+        from: None,
+        to: None,
+        epoch: 1,
+        requested_at: Time(t(100)),
+        completed_at: Time(t(100)),
+    };
+    let changes: Vec<(&str, Box<dyn Fn(&mut ElectionGroupStatus)>)> = vec![
+        ("leader", Box::new(|st| st.leader = Some("b".into()))),
+        (
+            "leaderUid",
+            Box::new(|st| st.leader_uid = Some("other".into())),
+        ),
+        ("epoch", Box::new(|st| st.epoch = Some(2))),
+        (
+            "leaderSince",
+            Box::new(|st| st.leader_since = Some(Time(t(101)))),
+        ),
+        ("members", Box::new(|st| st.members += 1)),
+        ("eligibleMembers", Box::new(|st| st.eligible_members -= 1)),
+        ("eligible", Box::new(|st| st.eligible = Some("1/2".into()))),
+        (
+            "observedGeneration",
+            Box::new(|st| st.observed_generation = Some(4)),
+        ),
+        (
+            "lastTransition",
+            Box::new(|st| {
+                st.last_transition = match st.last_transition {
+                    Some(_) => None,
+                    None => Some(crate::crd::LeaderTransition {
+                        from: None,
+                        to: Some("a".into()),
+                        reason: "elected".into(),
+                        epoch: 1,
+                        at: Time(t(100)),
+                        duration_millis: None,
+                    }),
+                }
+            }),
+        ),
+        (
+            "lastSwitchover",
+            Box::new(move |st| st.last_switchover = Some(outcome.clone())),
+        ),
+        (
+            "a condition's status",
+            Box::new(|st| st.conditions[0].status = "Unknown".into()),
+        ),
+        (
+            "a condition's reason",
+            Box::new(|st| st.conditions[0].reason = "Other".into()),
+        ),
+        (
+            "a condition's message",
+            Box::new(|st| st.conditions[0].message = "other".into()),
+        ),
+        (
+            "a condition's generation",
+            Box::new(|st| st.conditions[0].observed_generation = Some(9)),
+        ),
+        (
+            "a condition fewer",
+            Box::new(|st| {
+                st.conditions.pop();
+            }),
+        ),
+        (
+            "a condition's type",
+            Box::new(|st| st.conditions[0].type_ = "Other".into()),
+        ),
+    ];
+    for (field, change) in &changes {
+        let mut changed = base.clone();
+        change(&mut changed);
+        assert!(status::differs(Some(&base), &changed), "{field} changed");
+        assert!(
+            status::differs(Some(&changed), &base),
+            "{field} changed (reversed)"
+        );
+    }
 }
 
 #[test]

@@ -198,7 +198,7 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
         group,
         &switchover,
         ctx,
-        read_lease.as_ref(),
+        read_lease.as_deref(),
         &namespace,
         now,
     );
@@ -217,7 +217,7 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
         group,
         ctx,
         &lease_api,
-        read_lease.as_ref(),
+        read_lease.as_deref(),
         &decision,
         seen_at,
         now,

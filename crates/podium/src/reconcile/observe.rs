@@ -3,6 +3,7 @@
 //! costs the same with 10 groups or 3000.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -25,7 +26,7 @@ use crate::{index, lease, validate};
 /// creates it, and a create is itself a compare-and-swap on "absent", refused with a 409 when
 /// the cache was wrong, after which the next reconcile reads the server. That read cost one
 /// request per new group, a fifth of an election's floor.
-pub async fn read_lease(ctx: &Context, api: &Api<Lease>, key: &Key) -> Result<Option<Lease>> {
+pub async fn read_lease(ctx: &Context, api: &Api<Lease>, key: &Key) -> Result<Option<Arc<Lease>>> {
     let (namespace, name) = key;
     let stale = ctx.memory.take_lease_stale(key);
     let cached = ctx.leases.get(&ObjectRef::new(name).within(namespace));
@@ -35,15 +36,15 @@ pub async fn read_lease(ctx: &Context, api: &Api<Lease>, key: &Key) -> Result<Op
         .lease_newer_than(key, cached.as_deref())
         .or(cached)
         .filter(|_| !stale);
-    if let Some(lease) = cached {
-        return Ok(Some((*lease).clone()));
+    if cached.is_some() {
+        return Ok(cached);
     }
     if !stale && !ctx.memory.lease_outside_cache(key) {
         return Ok(None);
     }
     let read = lease::get(api, name).await?;
     ctx.memory.lease_seen(key, read.is_some(), in_cache);
-    Ok(read)
+    Ok(read.map(Arc::new))
 }
 
 /// Builds the core's input from the caches.
