@@ -307,7 +307,10 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
     report.etcd_version = etcd_version();
     report.source = git_source();
     report.operator_mode = match &operator_bin {
-        Some(_) => "child process (`podium-bench --operator-child`: `podium run --leader-elect=false` plus a request-counting layer)".into(),
+        Some(_) => format!(
+            "child process (`podium-bench --operator-child`: `podium run --leader-elect=false` plus a request-counting layer; worker threads: {})",
+            podium::cli::RunArgs::from_env().worker_threads
+        ),
         None => "in the bench process (CPU and memory include the harness)".into(),
     };
     let mut rng = Rng::from_entropy();

@@ -212,12 +212,11 @@ impl Operator {
     }
 }
 
-/// Runs until SIGTERM or Ctrl-C, or until a task fails (an error, so the process exits non-zero).
 /// The runtime `podium run` runs on, and the bench's operator child too, so that the bench
 /// measures what ships. With one thread it is tokio's current-thread runtime: the reconciles
-/// are short and wait on the API server, and on two worker threads a quarter of the steady
-/// state's CPU went to waking one thread from the other (1000 groups, 0.49 ms per renewal
-/// against 0.38 ms on one thread; bench/results/2026-12-06.md).
+/// are short and wait on the API server, and with two worker threads a fifth of the steady
+/// state's CPU went to waking one thread from the other (1000 groups: 0.51 ms of CPU per
+/// renewal on two threads, 0.40 ms on one; bench/results/2026-12-06-scale-*.md).
 pub fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if worker_threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -229,6 +228,7 @@ pub fn runtime(worker_threads: u16) -> std::io::Result<tokio::runtime::Runtime> 
     builder.enable_all().build()
 }
 
+/// Runs until SIGTERM or Ctrl-C, or until a task fails (an error, so the process exits non-zero).
 pub async fn run(kube_config: kube::Config, config: OperatorConfig) -> anyhow::Result<()> {
     let mut operator = Operator::connect(kube_config, config).await?;
     let outcome = tokio::select! {

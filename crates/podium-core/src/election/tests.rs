@@ -631,7 +631,8 @@ fn status_differs_in_every_field_but_condition_times_and_order() {
         requested_at: Time(t(100)),
         completed_at: Time(t(100)),
     };
-    let changes: Vec<(&str, Box<dyn Fn(&mut ElectionGroupStatus)>)> = vec![
+    type Change = Box<dyn Fn(&mut ElectionGroupStatus)>;
+    let changes: Vec<(&str, Change)> = vec![
         ("leader", Box::new(|st| st.leader = Some("b".into()))),
         (
             "leaderUid",
