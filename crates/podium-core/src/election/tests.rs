@@ -571,8 +571,8 @@ fn a_promote_without_a_transfer_renews_the_lease_first() {
     ));
 }
 
-#[test]
-fn status_reports_leader_and_conditions() {
+/// Pods a and b, no Lease yet, at t=100: a is elected at epoch 1. The status and its decision.
+fn first_election() -> (ElectionGroupStatus, Decision) {
     let s = spec();
     let d = decide(&observe(
         &s,
@@ -580,7 +580,12 @@ fn status_reports_leader_and_conditions() {
         LeaseState::Absent,
         100,
     ));
-    let st = status::from_decision(None, &d, &[], Some(3), t(100));
+    (status::from_decision(None, &d, &[], Some(3), t(100)), d)
+}
+
+#[test]
+fn status_reports_leader_and_conditions() {
+    let (st, d) = first_election();
     assert_eq!(st.leader.as_deref(), Some("a"));
     assert_eq!(st.epoch, Some(1));
     assert_eq!(st.eligible.as_deref(), Some("2/2"));
@@ -603,14 +608,7 @@ fn status_reports_leader_and_conditions() {
 
 #[test]
 fn status_differs_in_every_field_but_condition_times_and_order() {
-    let s = spec();
-    let d = decide(&observe(
-        &s,
-        vec![member("a", 0), member("b", 0)],
-        LeaseState::Absent,
-        100,
-    ));
-    let base = status::from_decision(None, &d, &[], Some(3), t(100));
+    let (base, _) = first_election();
     assert!(base.conditions.len() > 1);
 
     let mut same = base.clone();
