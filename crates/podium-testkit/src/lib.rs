@@ -9,7 +9,8 @@
 //! - [`checker`]: the safety invariants checked over the whole watch history of a test.
 //! - [`faults`]: a client layer that holds back or fails the operator's writes.
 //! - [`counting`]: a client layer that counts (and can log) every request.
-//! - [`intercept`]: the tower plumbing those two layers share.
+//! - [`lag`]: a client layer whose watches trail the server by a fixed time.
+//! - [`intercept`]: the tower plumbing those layers share.
 //! - [`pod`]: readiness and IP as read off a pod.
 //! - [`prometheus`]: the operator's metrics as Prometheus scrapes and queries them.
 //! - [`wait`]: polling until a condition holds.
@@ -18,6 +19,7 @@ pub mod counting;
 pub mod faults;
 pub mod fixture;
 pub mod intercept;
+pub mod lag;
 pub mod leader_process;
 pub mod observe;
 pub mod pod;

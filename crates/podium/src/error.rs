@@ -29,6 +29,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("listing the group's pods: {0}")]
+    PodList(#[source] kube::Error),
     #[error("writing status: {0}")]
     StatusPatch(#[source] kube::Error),
     #[error("finalizer: {0}")]
@@ -49,6 +51,7 @@ impl Error {
         "lease_read",
         "lease_delete",
         "pod_patch",
+        "pod_list",
         "status_patch",
         "finalizer",
         "lease_moved",
@@ -62,6 +65,7 @@ impl Error {
             Error::LeaseRead { .. } => "lease_read",
             Error::LeaseDelete { .. } => "lease_delete",
             Error::PodPatch { .. } => "pod_patch",
+            Error::PodList(_) => "pod_list",
             Error::StatusPatch(_) => "status_patch",
             Error::Finalizer(_) => "finalizer",
             Error::LeaseMoved(_) => "lease_moved",
@@ -76,6 +80,7 @@ impl Error {
             | Error::LeaseRead { source, .. }
             | Error::LeaseDelete { source, .. }
             | Error::PodPatch { source, .. }
+            | Error::PodList(source)
             | Error::StatusPatch(source) => Some(source),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -141,6 +146,7 @@ mod tests {
                 pod: "p".into(),
                 source: api(),
             },
+            Error::PodList(api()),
             Error::StatusPatch(api()),
             Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
             Error::LeaseMoved("l".into()),
@@ -153,6 +159,7 @@ mod tests {
                 | Error::LeaseRead { .. }
                 | Error::LeaseDelete { .. }
                 | Error::PodPatch { .. }
+                | Error::PodList(_)
                 | Error::StatusPatch(_)
                 | Error::Finalizer(_)
                 | Error::LeaseMoved(_)

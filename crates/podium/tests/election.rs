@@ -5,9 +5,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RunOperator, elected, finish, fixture, pod_ip, served, wait_for};
+use common::{
+    Fixture, RunOperator, elected, finish, fixture, pod_ip, served, start_operator, wait_for,
+};
 use kube::ResourceExt;
 use podium::crd::{EPOCH_ANNOTATION, ROLE_LABEL};
+use podium_testkit::intercept;
+use podium_testkit::lag::LaggingWatches;
+use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::endpointslice_addresses;
 use serde_json::json;
 
@@ -334,6 +339,28 @@ async fn deleting_a_group_removes_every_label_and_the_lease() {
     f.group("web", "web", json!({})).await;
     f.wait_leader_other_than(None, Duration::from_secs(2)).await;
     f.delete_group("web").await;
+    assert_no_trace_of_web(&f).await;
+    operator.stop().await;
+}
+
+/// The cleanup of a group deleted while the operator's pod cache still lacks the election's
+/// labels: it must find them on the server, for nothing reconciles the group afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_deleted_before_the_cache_shows_its_labels_still_loses_them_all() {
+    let f = fixture("delete-lag").await;
+    f.deploy("web", 3).await;
+    let lag = LaggingWatches::new("pods", Duration::from_secs(3));
+    let client = intercept::client(Testbed::shared().config(), lag).unwrap();
+    let operator = start_operator(client, &f.ns, None).await;
+    f.group("web", "web", json!({})).await;
+    f.wait_leader_other_than(None, Duration::from_secs(5)).await;
+    f.wait_followers(2, Duration::from_secs(5)).await;
+    f.delete_group("web").await;
+    assert_no_trace_of_web(&f).await;
+    operator.stop().await;
+}
+
+async fn assert_no_trace_of_web(f: &Fixture) {
     for p in f.pods().list(&Default::default()).await.unwrap() {
         assert!(
             p.labels().get(ROLE_LABEL).is_none(),
@@ -347,7 +374,6 @@ async fn deleting_a_group_removes_every_label_and_the_lease() {
         );
     }
     assert!(f.leases().get_opt("web").await.unwrap().is_none());
-    operator.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

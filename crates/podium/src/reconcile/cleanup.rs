@@ -1,26 +1,34 @@
 //! A deleted group: fence every pod that may lead, delete its Lease (compare-and-swap on the
 //! version read), strip podium's labels from every other pod it touched, and forget it.
+//!
+//! The pods come from the server, not only the cache. A reconcile's label writes can still be
+//! missing from the watch cache when the next reconcile (this one) starts, and a pod the cache
+//! shows untouched would keep its label for good: nothing reconciles a deleted group again.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Preconditions};
 use kube::runtime::controller::Action;
 
 use super::Context;
-use crate::crd::ElectionGroup;
+use crate::crd::{ElectionGroup, GROUP_ANNOTATION, ROLE_LABEL};
 use crate::election::{self, LabelWrite, LeaseState, Member};
 use crate::error::{Error, Result};
-use crate::{index, labels, lease};
+use crate::{index, labels, lease, selector, validate};
 
 pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     let name = group.name_any();
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
     let now = Timestamp::now();
-    let touched: Vec<Member> = index::touched_pods(&ctx.pods, &ctx.pod_index, &namespace, &name)
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let touched: Vec<Member> = touched_pods(group, ctx, &pods, &namespace, &name)
+        .await?
         .iter()
         .map(|p| election::member_from_pod(p, None, Duration::ZERO, now))
         .collect();
@@ -46,7 +54,6 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     if !ctx.claim.borrow().is_current() {
         return Ok(Action::requeue(super::CLAIM_RETRY));
     }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     // The fence's own annotation comes off last, conditional on the version the fence left.
     let mut unfence = Vec::new();
     for write in &writes.fences {
@@ -95,4 +102,40 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     ctx.metrics.group_removed(&namespace, &name);
     ctx.memory.forget(&(namespace, name));
     Ok(Action::await_change())
+}
+
+/// The pods carrying the group's annotation: a quorum list, so every label write that completed
+/// before it is seen, whatever the cache shows, plus any the cache shows that the list missed
+/// (a pod the group touched whose labels a user changed since). The server's copy wins, so
+/// the conditional strips carry current versions. A valid selector narrows the list to the
+/// group's own pods; an invalid group must still go, so it lists every labelled pod instead.
+async fn touched_pods(
+    group: &ElectionGroup,
+    ctx: &super::Context,
+    pods: &Api<Pod>,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<Arc<Pod>>> {
+    let query = if validate::validate(&group.spec).is_ok() {
+        format!("{},{ROLE_LABEL}", selector::to_query(&group.spec.selector))
+    } else {
+        ROLE_LABEL.to_string()
+    };
+    let listed = pods
+        .list(&ListParams::default().labels(&query))
+        .await
+        .map_err(Error::PodList)?;
+    let mut by_name: BTreeMap<String, Arc<Pod>> =
+        index::touched_pods(&ctx.pods, &ctx.pod_index, namespace, name)
+            .into_iter()
+            .map(|p| (p.name_any(), p))
+            .collect();
+    for pod in listed {
+        if pod.annotations().get(GROUP_ANNOTATION).map(String::as_str) == Some(name) {
+            by_name.insert(pod.name_any(), Arc::new(pod));
+        } else {
+            by_name.remove(&pod.name_any());
+        }
+    }
+    Ok(by_name.into_values().collect())
 }
