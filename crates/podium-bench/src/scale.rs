@@ -72,6 +72,9 @@ pub struct ScaleResults {
     pub rss_end: u64,
     pub peak_rss: u64,
     pub failover: Vec<Duration>,
+    /// Every group deleted with the operator running, until the last is gone (cleaned up and
+    /// its finalizer off), no pod still labelled: the counterpart of the floor's undo.
+    pub groups_deleted_in: Option<Duration>,
     pub failures: Vec<String>,
     /// The bare clients' election and renewals of the same groups.
     pub floor: Option<ScaleFloor>,
@@ -296,7 +299,44 @@ async fn measure(
     let end = operator.proc_sample()?;
     results.rss_end = end.rss;
     results.peak_rss = end.peak_rss;
+    if results.elected_after.is_some() {
+        match delete_groups(client, ns).await {
+            Ok(took) => results.groups_deleted_in = Some(took),
+            Err(e) => results.failures.push(format!("deleting the groups: {e:#}")),
+        }
+    }
     Ok(())
+}
+
+/// Deletes every group while the operator runs and waits until the last is gone; then no pod
+/// may still carry a role label, for each group's cleanup ends before its finalizer goes.
+async fn delete_groups(client: &Client, ns: &str) -> Result<Duration> {
+    let groups: Api<ElectionGroup> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let started = Instant::now();
+    delete_each(&groups).await?;
+    poll(
+        WAIT * 5,
+        Duration::from_millis(250),
+        "every group to be cleaned up and gone",
+        async || {
+            let left = groups.list_metadata(&ListParams::default()).await?.items;
+            Ok(left.is_empty().then_some(()))
+        },
+    )
+    .await?;
+    let took = started.elapsed();
+    let labelled = pods
+        .list_metadata(&ListParams::default().labels(ROLE_LABEL))
+        .await?
+        .items;
+    anyhow::ensure!(
+        labelled.is_empty(),
+        "{} pods still labelled after every group was gone, e.g. {}",
+        labelled.len(),
+        labelled[0].name_any()
+    );
+    Ok(took)
 }
 
 /// How long after the election the steady window starts: the election's status writes drain

@@ -29,8 +29,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    #[error("listing the group's pods: {0}")]
-    PodList(#[source] kube::Error),
+    #[error("reading pod {pod}: {source}")]
+    PodRead {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("writing status: {0}")]
     StatusPatch(#[source] kube::Error),
     #[error("finalizer: {0}")]
@@ -51,7 +55,7 @@ impl Error {
         "lease_read",
         "lease_delete",
         "pod_patch",
-        "pod_list",
+        "pod_read",
         "status_patch",
         "finalizer",
         "lease_moved",
@@ -65,7 +69,7 @@ impl Error {
             Error::LeaseRead { .. } => "lease_read",
             Error::LeaseDelete { .. } => "lease_delete",
             Error::PodPatch { .. } => "pod_patch",
-            Error::PodList(_) => "pod_list",
+            Error::PodRead { .. } => "pod_read",
             Error::StatusPatch(_) => "status_patch",
             Error::Finalizer(_) => "finalizer",
             Error::LeaseMoved(_) => "lease_moved",
@@ -80,7 +84,7 @@ impl Error {
             | Error::LeaseRead { source, .. }
             | Error::LeaseDelete { source, .. }
             | Error::PodPatch { source, .. }
-            | Error::PodList(source)
+            | Error::PodRead { source, .. }
             | Error::StatusPatch(source) => Some(source),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -146,7 +150,10 @@ mod tests {
                 pod: "p".into(),
                 source: api(),
             },
-            Error::PodList(api()),
+            Error::PodRead {
+                pod: "p".into(),
+                source: api(),
+            },
             Error::StatusPatch(api()),
             Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
             Error::LeaseMoved("l".into()),
@@ -159,7 +166,7 @@ mod tests {
                 | Error::LeaseRead { .. }
                 | Error::LeaseDelete { .. }
                 | Error::PodPatch { .. }
-                | Error::PodList(_)
+                | Error::PodRead { .. }
                 | Error::StatusPatch(_)
                 | Error::Finalizer(_)
                 | Error::LeaseMoved(_)

@@ -212,6 +212,18 @@ pub fn scale(md: &mut String, results: &[(usize, Result<ScaleResults, String>)])
                 let _ = writeln!(md, "- G={}, floor: {retried}", r.groups);
             }
         }
+        if let Some(took) = r.groups_deleted_in {
+            let _ = writeln!(
+                md,
+                "- G={}: every group deleted with the operator running, all cleaned up (labels stripped, Leases deleted) and gone in {:.1} s{}.",
+                r.groups,
+                took.as_secs_f64(),
+                r.floor
+                    .as_ref()
+                    .map(|fl| format!(" (the floor's undo: {:.1} s)", fl.undone_in.as_secs_f64()))
+                    .unwrap_or_default(),
+            );
+        }
     }
     let _ = writeln!(md);
 }
