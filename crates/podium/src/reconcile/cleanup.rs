@@ -1,13 +1,15 @@
 //! A deleted group: fence every pod that may lead, delete its Lease (compare-and-swap on the
 //! version read), strip podium's labels from every other pod it touched, and forget it.
 //!
-//! The pods are read from the server, not the cache. A reconcile's label writes can still be
-//! missing from the watch cache when the next reconcile (this one) starts, and a pod the cache
-//! shows untouched would keep its label for good: nothing reconciles a deleted group again.
+//! The cache names the pods; their labels are read again from the server. A reconcile's label
+//! writes can still be missing from the watch cache when the next reconcile (this one) starts,
+//! and a pod the cache shows untouched would keep its label for good: nothing reconciles a
+//! deleted group again.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -111,7 +113,7 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
 /// pods it touched are read.
 async fn touched_pods(
     group: &ElectionGroup,
-    ctx: &super::Context,
+    ctx: &Context,
     pods: &Api<Pod>,
     namespace: &str,
     name: &str,
@@ -128,16 +130,22 @@ async fn touched_pods(
                 .map(|p| p.name_any()),
         );
     }
-    let read = candidates.iter().map(|pod| async move {
-        pods.get_opt(pod).await.map_err(|source| Error::PodRead {
-            pod: pod.clone(),
-            source,
+    let read: Vec<Option<Pod>> = futures::stream::iter(candidates)
+        .map(|pod| async move {
+            pods.get_opt(&pod)
+                .await
+                .map_err(|source| Error::PodRead { pod, source })
         })
-    });
-    Ok(futures::future::try_join_all(read)
-        .await?
+        .buffer_unordered(READS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    Ok(read
         .into_iter()
         .flatten()
         .filter(|p| p.annotations().get(GROUP_ANNOTATION).map(String::as_str) == Some(name))
         .collect())
 }
+
+/// A group may select hundreds of pods; a few reads at a time keep its cleanup from crowding
+/// out the other reconciles' requests.
+const READS_IN_FLIGHT: usize = 8;
