@@ -98,8 +98,13 @@ pub fn plan(view: &GroupView<'_>) -> Plan {
             (false, _) => NotifyRole::Follower,
         };
         let due = match pod.delivered {
+            // A leader's term runs from the nonce its `leader` message echoes, so the holder's
+            // nonce is kept fresh while it waits as well as while it leads. Otherwise, after a
+            // wait of most of a term for the old leader, activation echoed a nonce from the
+            // wait's start: the command started, its term ended ~100 ms later, and it started
+            // again at the next renewal.
             Some(d) if d.role == role && d.epoch == view.epoch => {
-                (role == NotifyRole::Leader).then(|| d.at + renew_interval(view.term_millis))
+                (role != NotifyRole::Follower).then(|| d.at + renew_interval(view.term_millis))
             }
             _ => Some(view.now),
         };
@@ -158,6 +163,33 @@ mod tests {
             now,
             pods,
         }
+    }
+
+    #[test]
+    fn a_waiting_leader_is_sent_pending_again_each_renewal_so_its_nonce_stays_fresh() {
+        let mut old = pod("old");
+        old.link.answered(50, 1, true);
+        let mut new = pod("new");
+        new.link.answered(105, 2, false);
+        new.delivered = Some(Delivered {
+            role: NotifyRole::Pending,
+            epoch: 2,
+            at: 105,
+        });
+        let renew_at = 105 + renew_interval(TERM);
+        let planned = plan(&view(Some("new"), 106, vec![new.clone(), old.clone()]));
+        assert!(matches!(planned.activation, Some(Activation::Wait { .. })));
+        assert!(!planned.sends.iter().any(|&(i, _)| i == 0), "{planned:?}");
+        assert!(
+            planned.wake_at.is_some_and(|w| w <= renew_at),
+            "{planned:?}"
+        );
+        let planned = plan(&view(Some("new"), renew_at, vec![new, old]));
+        assert!(matches!(planned.activation, Some(Activation::Wait { .. })));
+        assert!(
+            planned.sends.contains(&(0, NotifyRole::Pending)),
+            "{planned:?}"
+        );
     }
 
     #[test]
