@@ -108,7 +108,7 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
 /// The pods carrying the group's annotation, read from the server one by one: every pod the
 /// cache shows the group touched or selects, so that a label written but not yet in the cache
 /// is found, and each with its current version for the conditional strips. A GET by name is one
-/// key in etcd; a list would read the whole namespace's pods per deleted group (5x slower to
+/// key in etcd; a list would read the whole namespace's pods per deleted group (4x slower to
 /// delete 1000 groups, docs/design.md). An invalid group's selector is not trusted: only the
 /// pods it touched are read.
 async fn touched_pods(
