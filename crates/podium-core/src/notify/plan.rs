@@ -154,6 +154,14 @@ mod tests {
         }
     }
 
+    /// `p` once it took `role` at the views' epoch and its answer (running only as leader)
+    /// arrived at `at`.
+    fn took(mut p: PodView<'_>, role: NotifyRole, at: u64) -> PodView<'_> {
+        p.link.answered(at, 2, role == NotifyRole::Leader);
+        p.delivered = Some(Delivered { role, epoch: 2, at });
+        p
+    }
+
     fn view<'a>(leader: Option<&'a str>, now: u64, pods: Vec<PodView<'a>>) -> GroupView<'a> {
         GroupView {
             leader,
@@ -169,13 +177,7 @@ mod tests {
     fn a_waiting_leader_is_sent_pending_again_each_renewal_so_its_nonce_stays_fresh() {
         let mut old = pod("old");
         old.link.answered(50, 1, true);
-        let mut new = pod("new");
-        new.link.answered(105, 2, false);
-        new.delivered = Some(Delivered {
-            role: NotifyRole::Pending,
-            epoch: 2,
-            at: 105,
-        });
+        let new = took(pod("new"), NotifyRole::Pending, 105);
         let renew_at = 105 + renew_interval(TERM);
         let planned = plan(&view(Some("new"), 106, vec![new.clone(), old.clone()]));
         assert!(matches!(planned.activation, Some(Activation::Wait { .. })));
@@ -246,13 +248,7 @@ mod tests {
 
     #[test]
     fn the_leader_is_renewed_every_third_of_a_term() {
-        let mut leader = pod("a");
-        leader.link.answered(1_000, 2, true);
-        leader.delivered = Some(Delivered {
-            role: NotifyRole::Leader,
-            epoch: 2,
-            at: 1_000,
-        });
+        let leader = took(pod("a"), NotifyRole::Leader, 1_000);
         let quiet = plan(&view(Some("a"), 1_001, vec![leader.clone()]));
         assert!(quiet.sends.is_empty());
         assert_eq!(quiet.wake_at, Some(1_000 + TERM / 3));
