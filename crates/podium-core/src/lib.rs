@@ -5,6 +5,7 @@
 //! - [`crd`]: the `ElectionGroup` types, the single source of truth for the CRD, and the label,
 //!   annotation and condition constants.
 //! - [`election`]: observed group, pods and Lease in; Lease, label and status writes out.
+//! - [`pod`]: a pod as the operator decodes and caches it, only the fields the election reads.
 //! - [`lease`], [`labels`]: the objects and patch bodies those writes become.
 //! - [`selector`], [`validate`]: label-selector matching and the spec rules, checked in code.
 //! - [`notify`]: the role notifications pushed to pods and the rules of `podium exec`'s term
@@ -16,6 +17,7 @@ pub mod election;
 pub mod labels;
 pub mod lease;
 pub mod notify;
+pub mod pod;
 pub mod request;
 pub mod selector;
 pub mod validate;

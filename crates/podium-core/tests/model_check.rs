@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use k8s_openapi::api::core::v1::PodCondition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
 use kube::Resource;
 use podium_core::crd::{
@@ -41,6 +41,7 @@ use podium_core::crd::{
 use podium_core::election::{
     Decision, LabelWrite, LeaseWrite, Observation, Step, decide, member_from_pod,
 };
+use podium_core::pod::{ElectionPod, ElectionPodStatus};
 use podium_core::{labels, lease};
 use serde_json::Value;
 use stateright::{Checker, Model, Property};
@@ -223,7 +224,7 @@ impl World {
     }
 }
 
-fn pod_object(i: usize, obj: &PodObj) -> Pod {
+fn pod_object(i: usize, obj: &PodObj) -> ElectionPod {
     let mut labels = BTreeMap::new();
     labels.insert(
         APP.to_string(),
@@ -245,7 +246,7 @@ fn pod_object(i: usize, obj: &PodObj) -> Pod {
     if obj.priority {
         annotations.insert(PRIORITY_ANNOTATION.to_string(), "5".to_string());
     }
-    Pod {
+    ElectionPod {
         metadata: ObjectMeta {
             name: Some(pod_name(i)),
             namespace: Some(NS.into()),
@@ -257,7 +258,7 @@ fn pod_object(i: usize, obj: &PodObj) -> Pod {
             ..Default::default()
         },
         spec: None,
-        status: Some(PodStatus {
+        status: Some(ElectionPodStatus {
             phase: Some("Running".into()),
             conditions: Some(vec![PodCondition {
                 type_: "Ready".into(),

@@ -6,9 +6,10 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::pod::ElectionPod;
 use futures::{Future, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -44,7 +45,7 @@ pub async fn run(
     ready: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api = |client: &Client| -> (Api<ElectionGroup>, Api<Pod>, Api<Lease>) {
+    let api = |client: &Client| -> (Api<ElectionGroup>, Api<ElectionPod>, Api<Lease>) {
         match &options.namespace {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
@@ -73,7 +74,7 @@ pub async fn run(
     let pod_index = Arc::new(Index::new(index::pod_keys));
     let pod_stream = watcher(pods_api, watcher::Config::default().any_semantic())
         .backoff(WatchBackoff::default())
-        .modify(election::keep_election_fields)
+        .modify(crate::pod::keep_election_fields)
         .reflect(pod_writer)
         .inspect(follow(&pod_index))
         .touched_objects();
@@ -153,7 +154,7 @@ pub async fn run(
 
     let groups_for_pods = (groups.clone(), group_index.clone());
     let mut controller = Controller::for_stream(group_stream, groups.clone())
-        .watches_stream(pod_stream, move |pod: Pod| {
+        .watches_stream(pod_stream, move |pod: ElectionPod| {
             groups_of_pod(&groups_for_pods.0, &groups_for_pods.1, &pod)
         })
         .owns_stream(lease_stream)
@@ -198,7 +199,7 @@ const MAX_CONCURRENT_RECONCILES: u16 = 64;
 pub fn groups_of_pod(
     groups: &Store<ElectionGroup>,
     group_index: &Index<ElectionGroup>,
-    pod: &Pod,
+    pod: &ElectionPod,
 ) -> Vec<ObjectRef<ElectionGroup>> {
     let namespace = pod.namespace().unwrap_or_default();
     let mut refs: Vec<ObjectRef<ElectionGroup>> = index::groups_selecting(groups, group_index, pod)
@@ -290,7 +291,7 @@ fn node_election_facts(node: &Node) -> Option<u64> {
 
 async fn mark_ready_when_synced(
     groups: Store<ElectionGroup>,
-    pods: Store<Pod>,
+    pods: Store<ElectionPod>,
     leases: Store<Lease>,
     nodes: Option<Store<Node>>,
     ready: Arc<AtomicBool>,

@@ -10,9 +10,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::pod::ElectionPod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::Resource;
 use kube::ResourceExt;
@@ -60,9 +60,12 @@ struct State<K: Resource<DynamicType = ()>> {
     relist: Option<Entries<K>>,
 }
 
+/// One copy of each object's reference and of each key, shared by both maps: the pod index
+/// files each pod under half a dozen keys, and a copy per filing (each with its own name,
+/// namespace, resourceVersion and uid strings) was most of the index's memory.
 struct Entries<K: Resource<DynamicType = ()>> {
-    by_key: HashMap<Key, HashSet<ObjectRef<K>>>,
-    keys_by_object: HashMap<ObjectRef<K>, Vec<Key>>,
+    by_key: HashMap<Arc<Key>, HashSet<Arc<ObjectRef<K>>>>,
+    keys_by_object: HashMap<Arc<ObjectRef<K>>, Vec<Arc<Key>>>,
 }
 
 impl<K: Resource<DynamicType = ()>> Default for Entries<K> {
@@ -75,15 +78,27 @@ impl<K: Resource<DynamicType = ()>> Default for Entries<K> {
 }
 
 impl<K: Resource<DynamicType = ()>> Entries<K> {
-    fn insert(&mut self, object: ObjectRef<K>, keys: Vec<Key>) {
-        self.remove(&object);
-        for key in &keys {
+    fn insert(&mut self, object: &K, keys: Vec<Key>) {
+        // Equality ignores the resourceVersion and uid, so the reference is kept without them.
+        let mut reference = ObjectRef::new(object.meta().name.as_deref().unwrap_or_default());
+        if let Some(namespace) = &object.meta().namespace {
+            reference = reference.within(namespace);
+        }
+        self.remove(&reference);
+        let object = Arc::new(reference);
+        let mut filed = Vec::with_capacity(keys.len());
+        for key in keys {
+            let key = match self.by_key.get_key_value(&key) {
+                Some((shared, _)) => shared.clone(),
+                None => Arc::new(key),
+            };
             self.by_key
                 .entry(key.clone())
                 .or_default()
                 .insert(object.clone());
+            filed.push(key);
         }
-        self.keys_by_object.insert(object, keys);
+        self.keys_by_object.insert(object, filed);
     }
 
     fn remove(&mut self, object: &ObjectRef<K>) {
@@ -115,7 +130,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Index<K> {
         match event {
             watcher::Event::Apply(object) => {
                 let keys = (self.keys_of)(object);
-                state.live.insert(ObjectRef::from_obj(object), keys);
+                state.live.insert(object, keys);
             }
             watcher::Event::Delete(object) => state.live.remove(&ObjectRef::from_obj(object)),
             watcher::Event::Init => state.relist = Some(Entries::default()),
@@ -124,7 +139,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Index<K> {
                 state
                     .relist
                     .get_or_insert_with(Entries::default)
-                    .insert(ObjectRef::from_obj(object), keys);
+                    .insert(object, keys);
             }
             watcher::Event::InitDone => {
                 if let Some(relist) = state.relist.take() {
@@ -141,13 +156,13 @@ impl<K: Resource<DynamicType = ()> + Clone> Index<K> {
             .live
             .by_key
             .get(key)
-            .map(|set| set.iter().cloned().collect())
+            .map(|set| set.iter().map(|r| ObjectRef::clone(r)).collect())
             .unwrap_or_default()
     }
 
     /// The objects of `store` filed under `key`, looked up under the index's lock instead of
     /// through a copy of their references (a reconcile makes several such lookups).
-    pub fn objects(&self, store: &Store<K>, key: &Key) -> Vec<std::sync::Arc<K>>
+    pub fn objects(&self, store: &Store<K>, key: &Key) -> Vec<Arc<K>>
     where
         K: 'static,
     {
@@ -167,7 +182,7 @@ impl<K: Resource<DynamicType = ()> + Clone> Index<K> {
     }
 }
 
-pub fn pod_keys(pod: &Pod) -> Vec<Key> {
+pub fn pod_keys(pod: &ElectionPod) -> Vec<Key> {
     let namespace = pod.namespace().unwrap_or_default();
     let mut keys = vec![Key::Namespace(namespace.clone())];
     keys.extend(pod.labels().iter().map(|(key, value)| Key::Label {
@@ -226,11 +241,11 @@ fn required_labels(selector: &LabelSelector) -> Vec<(String, String)> {
 
 /// The pods in `namespace` that `selector` matches.
 pub fn selected_pods(
-    pods: &Store<Pod>,
-    index: &Index<Pod>,
+    pods: &Store<ElectionPod>,
+    index: &Index<ElectionPod>,
     namespace: &str,
     selector: &LabelSelector,
-) -> Vec<std::sync::Arc<Pod>> {
+) -> Vec<Arc<ElectionPod>> {
     let candidates = candidate_keys(namespace, selector)
         .into_iter()
         .map(|key| (index.len(&key), key))
@@ -272,11 +287,11 @@ fn candidate_keys(namespace: &str, selector: &LabelSelector) -> Vec<Key> {
 
 /// The pods in `namespace` carrying the group's annotation.
 pub fn touched_pods(
-    pods: &Store<Pod>,
-    index: &Index<Pod>,
+    pods: &Store<ElectionPod>,
+    index: &Index<ElectionPod>,
     namespace: &str,
     group: &str,
-) -> Vec<std::sync::Arc<Pod>> {
+) -> Vec<Arc<ElectionPod>> {
     index
         .objects(
             pods,
@@ -294,8 +309,8 @@ pub fn touched_pods(
 pub fn groups_selecting(
     groups: &Store<ElectionGroup>,
     index: &Index<ElectionGroup>,
-    pod: &Pod,
-) -> Vec<std::sync::Arc<ElectionGroup>> {
+    pod: &ElectionPod,
+) -> Vec<Arc<ElectionGroup>> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let mut keys: Vec<Key> = pod
         .labels()
@@ -307,7 +322,7 @@ pub fn groups_selecting(
         })
         .collect();
     keys.push(Key::RequiresNothing(namespace.clone()));
-    let mut found: Vec<std::sync::Arc<ElectionGroup>> = Vec::new();
+    let mut found: Vec<Arc<ElectionGroup>> = Vec::new();
     for group in keys.iter().flat_map(|key| index.objects(groups, key)) {
         // A group may be filed under several of the pod's labels.
         if !found.iter().any(|g| g.metadata.name == group.metadata.name)
@@ -327,8 +342,8 @@ mod tests {
     use kube::runtime::reflector;
     use std::collections::BTreeMap;
 
-    fn pod(name: &str, labels: &[(&str, &str)]) -> Pod {
-        Pod {
+    fn pod(name: &str, labels: &[(&str, &str)]) -> ElectionPod {
+        ElectionPod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
@@ -398,7 +413,7 @@ mod tests {
         }
     }
 
-    fn names<K: Resource>(objects: &[std::sync::Arc<K>]) -> Vec<String> {
+    fn names<K: Resource>(objects: &[Arc<K>]) -> Vec<String> {
         let mut names: Vec<String> = objects.iter().map(|o| o.name_any()).collect();
         names.sort();
         names
@@ -425,7 +440,7 @@ mod tests {
             expression("tier", "DoesNotExist", &[]),
         ];
         for selector in selectors {
-            let scanned: Vec<std::sync::Arc<Pod>> = pods
+            let scanned: Vec<Arc<ElectionPod>> = pods
                 .store
                 .state()
                 .into_iter()
@@ -507,7 +522,7 @@ mod tests {
             vec![],
         ] {
             let p = pod("p", &labels);
-            let scanned: Vec<std::sync::Arc<ElectionGroup>> = groups
+            let scanned: Vec<Arc<ElectionGroup>> = groups
                 .store
                 .state()
                 .into_iter()

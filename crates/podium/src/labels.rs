@@ -1,6 +1,5 @@
 //! Sends one pod label write and waits for the API server's acknowledgement.
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::FIELD_MANAGER;
@@ -9,8 +8,12 @@ use podium_core::election::LabelWrite;
 pub use podium_core::labels::patch_body;
 
 /// Applies one write and returns once the API server has acknowledged it. A pod that is gone
-/// needs no label removed; a pod that is gone cannot be promoted.
-pub async fn apply(api: &Api<Pod>, write: &LabelWrite, group: &str) -> Result<Option<Pod>> {
+/// needs no label removed; a pod that is gone cannot be promoted. The answer is decoded as `K`:
+/// the operator's [`podium_core::pod::ElectionPod`], or a whole `Pod` for the bench's floor.
+pub async fn apply<K>(api: &Api<K>, write: &LabelWrite, group: &str) -> Result<Option<K>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let pod = write.pod();
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),

@@ -1,11 +1,12 @@
-//! Turns a Pod (and its Node, where readable) into the facts the election needs.
+//! Turns a pod (and its Node, where readable) into the facts the election needs.
 
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::Node;
 
 use crate::crd::{EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION, ROLE_LABEL};
+use crate::pod::ElectionPod;
 
 /// Why a member may or may not be elected right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +70,7 @@ pub struct Member {
 /// `node_ready` is `None` when the node is unknown or cannot be read; only a node that is
 /// known to be NotReady makes its pods ineligible.
 pub fn member_from_pod(
-    pod: &Pod,
+    pod: &ElectionPod,
     node_ready: Option<bool>,
     min_ready: Duration,
     now: Timestamp,
@@ -154,35 +155,6 @@ fn ready_too_short(
     }
 }
 
-/// Drops what the election never reads before a pod enters the operator's cache. The cache
-/// holds every pod of the watched namespaces, and containers, volumes, owner references,
-/// other tools' annotations and container statuses are most of a real pod's size. Keep this in
-/// step with [`member_from_pod`] (a test checks they agree).
-pub fn keep_election_fields(pod: &mut Pod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.retain(|key, _| {
-            [EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION].contains(&key.as_str())
-        });
-    }
-    let node_name = pod.spec.as_mut().and_then(|s| s.node_name.take());
-    pod.spec = Some(PodSpec {
-        node_name,
-        ..Default::default()
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        // Where role notifications go.
-        pod_ip: status.pod_ip,
-        conditions: status
-            .conditions
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
-        ..Default::default()
-    });
-}
-
 /// Whether a Node is Ready: `None` when it reports no Ready condition at all.
 pub fn node_ready(node: &Node) -> Option<bool> {
     node.status
@@ -207,11 +179,12 @@ pub fn node_draining(node: &Node, drain_taints: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use crate::pod::{ElectionPodStatus, keep_election_fields};
+    use k8s_openapi::api::core::v1::PodCondition;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-    fn pod(phase: &str, ready: Option<(&str, Timestamp)>) -> Pod {
-        Pod {
+    fn pod(phase: &str, ready: Option<(&str, Timestamp)>) -> ElectionPod {
+        ElectionPod {
             metadata: ObjectMeta {
                 name: Some("p".into()),
                 uid: Some("u".into()),
@@ -219,7 +192,7 @@ mod tests {
                 ..Default::default()
             },
             spec: None,
-            status: Some(PodStatus {
+            status: Some(ElectionPodStatus {
                 phase: Some(phase.into()),
                 conditions: ready.map(|(status, at)| {
                     vec![PodCondition {
@@ -365,8 +338,8 @@ mod tests {
     }
 
     #[test]
-    fn stripping_a_pod_keeps_everything_the_election_reads() {
-        let full: Pod = serde_json::from_value(serde_json::json!({
+    fn decoding_and_stripping_a_pod_keep_everything_the_election_reads() {
+        let json = serde_json::json!({
             "metadata": {
                 "name": "web-0", "namespace": "ns", "uid": "u-1", "resourceVersion": "42",
                 "labels": { "app": "web", "podium.dev/role": "leader" },
@@ -390,15 +363,29 @@ mod tests {
                 ],
                 "containerStatuses": [{ "name": "c", "image": "i", "imageID": "x", "ready": true, "restartCount": 0 }],
             },
-        }))
-        .unwrap();
-        let mut stripped = full.clone();
+        });
+        let full: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json.clone()).unwrap();
+        let decoded: ElectionPod = serde_json::from_value(json).unwrap();
+        let (spec, status) = (full.spec.clone().unwrap(), full.status.clone().unwrap());
+        let decoded_status = decoded.status.clone().unwrap();
+        assert_eq!(decoded.metadata, full.metadata);
+        assert_eq!(decoded.spec.clone().unwrap().node_name, spec.node_name);
+        assert_eq!(
+            (
+                decoded_status.phase,
+                decoded_status.pod_ip,
+                decoded_status.conditions
+            ),
+            (status.phase, status.pod_ip, status.conditions)
+        );
+
+        let mut stripped = decoded.clone();
         keep_election_fields(&mut stripped);
-        let mut alive = full.clone();
+        let mut alive = decoded.clone();
         alive.metadata.deletion_timestamp = None;
         let mut alive_stripped = alive.clone();
         keep_election_fields(&mut alive_stripped);
-        for (a, b) in [(&full, &stripped), (&alive, &alive_stripped)] {
+        for (a, b) in [(&decoded, &stripped), (&alive, &alive_stripped)] {
             for (node, min_ready) in [(None, 0), (Some(false), 0), (Some(true), 5), (None, 3600)] {
                 let min_ready = Duration::from_secs(min_ready);
                 assert_eq!(
@@ -407,8 +394,8 @@ mod tests {
                 );
             }
         }
-        // What the operator's indexes key pods by survives the stripping too.
-        let index_keys = |p: &Pod| {
+        // What the operator's indexes key pods by, and where notifications go, survive too.
+        let index_keys = |p: &ElectionPod| {
             (
                 p.metadata.namespace.clone(),
                 p.metadata.labels.clone(),
@@ -417,16 +404,13 @@ mod tests {
                     .as_ref()
                     .and_then(|a| a.get(GROUP_ANNOTATION).cloned()),
                 p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                p.status.as_ref().and_then(|s| s.pod_ip.clone()),
             )
         };
-        assert_eq!(index_keys(&full), index_keys(&stripped));
-        let size = |p: &Pod| serde_json::to_vec(p).unwrap().len();
-        assert!(
-            size(&stripped) * 10 < size(&full),
-            "{} vs {}",
-            size(&stripped),
-            size(&full)
-        );
+        assert_eq!(index_keys(&decoded), index_keys(&stripped));
+        let size = serde_json::to_vec(&stripped).unwrap().len();
+        let full_size = serde_json::to_vec(&full).unwrap().len();
+        assert!(size * 10 < full_size, "{size} vs {full_size}");
     }
 
     #[test]

@@ -13,9 +13,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::crd::{ElectionGroupSpec, ROLE_FOLLOWER, ROLE_LEADER, SwitchoverRequest};
-pub use member::{
-    Eligibility, Member, keep_election_fields, member_from_pod, node_draining, node_ready,
-};
+pub use member::{Eligibility, Member, member_from_pod, node_draining, node_ready};
 pub use switchover::{SwitchoverDecision, SwitchoverResult};
 
 /// Never requeue sooner than this: it bounds the loop when a clock or a Lease is odd.

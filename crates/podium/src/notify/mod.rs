@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use crate::pod::ElectionPod;
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::{mpsc, watch};
@@ -74,7 +74,7 @@ impl Notifier {
     /// Starts the notifier task. `tokens` is `None` when the operator has no ServiceAccount to
     /// sign with; groups asking for notifications then get a warning and nothing is sent.
     pub fn start(
-        pods: Store<Pod>,
+        pods: Store<ElectionPod>,
         tokens: Option<TokenSource>,
         leading: watch::Receiver<bool>,
         claim: watch::Receiver<crate::ha::Claim>,
@@ -150,7 +150,7 @@ struct Answer {
 }
 
 struct Task {
-    pods: Store<Pod>,
+    pods: Store<ElectionPod>,
     tokens: Option<Arc<TokenSource>>,
     leading: watch::Receiver<bool>,
     claim: watch::Receiver<crate::ha::Claim>,

@@ -6,9 +6,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use crate::pod::ElectionPod;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::events::EventType;
@@ -38,7 +38,7 @@ pub async fn apply(
         ctx.memory.failover_started(&key, seen_at);
     }
 
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods: Api<ElectionPod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut lease_written = false;
     let mut failover_took = None;
     for step in decision.steps() {

@@ -9,10 +9,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::pod::ElectionPod;
 use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -27,7 +27,7 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     let name = group.name_any();
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
     let now = Timestamp::now();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods: Api<ElectionPod> = Api::namespaced(ctx.client.clone(), &namespace);
     let touched: Vec<Member> = touched_pods(group, ctx, &pods, &namespace, &name)
         .await?
         .iter()
@@ -114,10 +114,10 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
 async fn touched_pods(
     group: &ElectionGroup,
     ctx: &Context,
-    pods: &Api<Pod>,
+    pods: &Api<ElectionPod>,
     namespace: &str,
     name: &str,
-) -> Result<Vec<Pod>> {
+) -> Result<Vec<ElectionPod>> {
     let mut candidates: BTreeSet<String> =
         index::touched_pods(&ctx.pods, &ctx.pod_index, namespace, name)
             .iter()
@@ -130,7 +130,7 @@ async fn touched_pods(
                 .map(|p| p.name_any()),
         );
     }
-    let read: Vec<Option<Pod>> = futures::stream::iter(candidates)
+    let read: Vec<Option<ElectionPod>> = futures::stream::iter(candidates)
         .map(|pod| async move {
             pods.get_opt(&pod)
                 .await

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::pod::ElectionPod;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -45,8 +46,8 @@ const CLAIM_RETRY: Duration = Duration::from_millis(200);
 pub struct Context {
     pub client: Client,
     pub groups: Store<ElectionGroup>,
-    pub pods: Store<Pod>,
-    pub pod_index: Arc<Index<Pod>>,
+    pub pods: Store<ElectionPod>,
+    pub pod_index: Arc<Index<ElectionPod>>,
     pub group_index: Arc<Index<ElectionGroup>>,
     /// `None` when the operator may not read Nodes (namespace-scoped RBAC).
     pub nodes: Option<Store<Node>>,

@@ -6,9 +6,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::pod::ElectionPod;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -58,19 +58,19 @@ pub fn observe<'a>(
 ) -> Observation<'a> {
     let name = group.metadata.name.as_deref().unwrap_or_default();
     let min_ready = Duration::from_secs(u64::try_from(group.spec.min_ready_seconds).unwrap_or(0));
-    let node = |pod: &Pod| {
+    let node = |pod: &ElectionPod| {
         let name = pod.spec.as_ref()?.node_name.as_ref()?;
         ctx.nodes.as_ref()?.get(&ObjectRef::new(name))
     };
-    let node_ready = |pod: &Pod| election::node_ready(node(pod)?.as_ref());
-    let member = |pod: &Pod| {
+    let node_ready = |pod: &ElectionPod| election::node_ready(node(pod)?.as_ref());
+    let member = |pod: &ElectionPod| {
         let mut member = election::member_from_pod(pod, node_ready(pod), min_ready, now);
         member.draining =
             node(pod).is_some_and(|n| election::node_draining(&n, &group.spec.drain_taints));
         member
     };
     // The pod belongs to the oldest valid group selecting it; any other reports an overlap.
-    let claimant = |pod: &Pod| -> Option<String> {
+    let claimant = |pod: &ElectionPod| -> Option<String> {
         index::groups_selecting(&ctx.groups, &ctx.group_index, pod)
             .into_iter()
             .filter(|g| g.metadata.name.as_deref() != Some(name))
