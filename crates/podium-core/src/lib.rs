@@ -6,6 +6,7 @@
 //!   annotation and condition constants.
 //! - [`election`]: observed group, pods and Lease in; Lease, label and status writes out.
 //! - [`pod`]: a pod as the operator decodes and caches it, only the fields the election reads.
+//! - [`lean_lease`], [`meta`]: Leases and metadata decoded without their managed fields.
 //! - [`lease`], [`labels`]: the objects and patch bodies those writes become.
 //! - [`selector`], [`validate`]: label-selector matching and the spec rules, checked in code.
 //! - [`notify`]: the role notifications pushed to pods and the rules of `podium exec`'s term
@@ -15,7 +16,9 @@
 pub mod crd;
 pub mod election;
 pub mod labels;
+pub mod lean_lease;
 pub mod lease;
+pub mod meta;
 pub mod notify;
 pub mod pod;
 pub mod request;

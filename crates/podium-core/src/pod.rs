@@ -17,6 +17,7 @@ use crate::crd::{EPOCH_ANNOTATION, GROUP_ANNOTATION, PRIORITY_ANNOTATION};
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 pub struct ElectionPod {
+    #[serde(deserialize_with = "crate::meta::without_managed_fields")]
     pub metadata: ObjectMeta,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<ElectionPodSpec>,
@@ -64,12 +65,12 @@ impl k8s_openapi::Metadata for ElectionPod {
 }
 
 /// Drops what the decoded type still carries but the election never reads, before a pod enters
-/// the operator's cache: managed fields, owner references, other tools' annotations (a
-/// `last-applied-configuration` alone can be kilobytes) and every condition but Ready. Keep
-/// this in step with [`crate::election::member_from_pod`] (a test checks they agree).
+/// the operator's cache: owner references, other tools' annotations (a
+/// `last-applied-configuration` alone can be kilobytes) and every condition but Ready. (Managed
+/// fields are never decoded.) Keep this in step with [`crate::election::member_from_pod`] (a
+/// test checks they agree).
 pub fn keep_election_fields(pod: &mut ElectionPod) {
     let meta = &mut pod.metadata;
-    meta.managed_fields = None;
     meta.owner_references = None;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|key, _| {

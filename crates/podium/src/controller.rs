@@ -6,8 +6,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::lean_lease::LeanLease;
 use crate::pod::ElectionPod;
-use futures::{Future, StreamExt};
+use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
@@ -45,7 +46,7 @@ pub async fn run(
     ready: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api = |client: &Client| -> (Api<ElectionGroup>, Api<ElectionPod>, Api<Lease>) {
+    let api = |client: &Client| -> (Api<ElectionGroup>, Api<ElectionPod>, Api<LeanLease>) {
         match &options.namespace {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
@@ -85,7 +86,7 @@ pub async fn run(
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
     let lease_stream = watcher(leases_api, lease_config)
         .backoff(WatchBackoff::default())
-        .modify(|l: &mut Lease| l.managed_fields_mut().clear())
+        .map_ok(as_lease)
         .reflect(lease_writer)
         .touched_objects()
         // Our own renewals change only renewTime; only a change of holder, epoch or TTL (a human
@@ -260,6 +261,17 @@ where
         if let Ok(event) = event {
             index.apply(event);
         }
+    }
+}
+
+/// A Lease watch event decoded as [`LeanLease`], as the `Lease` the store and the core use.
+fn as_lease(event: watcher::Event<LeanLease>) -> watcher::Event<Lease> {
+    match event {
+        watcher::Event::Apply(lease) => watcher::Event::Apply(lease.into()),
+        watcher::Event::Delete(lease) => watcher::Event::Delete(lease.into()),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(lease) => watcher::Event::InitApply(lease.into()),
+        watcher::Event::InitDone => watcher::Event::InitDone,
     }
 }
 

@@ -30,4 +30,4 @@ pub mod reconcile;
 pub mod status;
 pub mod telemetry;
 
-pub use podium_core::{FIELD_MANAGER, crd, election, pod, selector, validate};
+pub use podium_core::{FIELD_MANAGER, crd, election, lean_lease, pod, selector, validate};

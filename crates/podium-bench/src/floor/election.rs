@@ -11,7 +11,6 @@ use anyhow::{Result, anyhow};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use jiff::Timestamp;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::{Client, ResourceExt};
@@ -20,6 +19,7 @@ use tokio::task::JoinHandle;
 use super::{OPERATOR_CONCURRENCY, Shared, Writes, status};
 use podium_core::crd::ElectionGroup;
 use podium_core::election::{Holder, LabelWrite, LeaseWrite};
+use podium_core::lean_lease::LeanLease;
 use podium_testkit::observe::{Watching, watch_groups, watch_pods};
 
 pub struct ElectionFloor {
@@ -73,7 +73,7 @@ impl Drop for ElectionFloor {
 
 async fn act(client: Client, ns: String, pods_per_group: usize, shared: Arc<Shared>) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let leases: Api<LeanLease> = Api::namespaced(client.clone(), &ns);
     let groups: Api<ElectionGroup> = Api::namespaced(client, &ns);
     // Groups seen and not yet elected, in the order they arrived; the pods of each group, as
     // first listed (the pods exist before the groups, and only this floor writes them).
@@ -133,7 +133,7 @@ async fn act(client: Client, ns: String, pods_per_group: usize, shared: Arc<Shar
 /// One group's writes, in the order a reconcile sends them.
 async fn elect(
     shared: &Shared,
-    (pods, leases, groups): (&Api<Pod>, &Api<Lease>, &Api<ElectionGroup>),
+    (pods, leases, groups): (&Api<Pod>, &Api<LeanLease>, &Api<ElectionGroup>),
     group: &ElectionGroup,
     members: &[Pod],
 ) -> Result<()> {
@@ -150,7 +150,7 @@ async fn elect(
     let now = Timestamp::now();
     let lease = podium::lease::desired(group, None, &create, now)
         .ok_or_else(|| anyhow!("no Lease for a create"))?;
-    shared.wrote(podium::lease::write(leases, &lease, true).await)?;
+    shared.wrote(podium::lease::write(leases, lease, true).await)?;
     for (i, pod) in members.iter().enumerate() {
         let (pod, resource_version) = (pod.name_any(), pod.resource_version().unwrap_or_default());
         let write = if i == 0 {

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use super::{Shared, World, eligible, status};
 use podium_core::crd::{ElectionGroup, ROLE_LABEL};
 use podium_core::election::{Holder, LabelWrite, LeaseWrite};
+use podium_core::lean_lease::LeanLease;
 use podium_testkit::observe::{Watching, lease_holder, watch_groups, watch_lease, watch_pods};
 
 /// One failover the floor made.
@@ -119,7 +120,7 @@ async fn act(
     handled: Arc<Mutex<Vec<Handled>>>,
 ) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let leases: Api<LeanLease> = Api::namespaced(client.clone(), &ns);
     let groups: Api<ElectionGroup> = Api::namespaced(client, &ns);
     loop {
         let action = if active.load(Ordering::Acquire) {
@@ -171,7 +172,7 @@ async fn act(
 /// The four sequential writes; when the last was acknowledged.
 async fn failover(
     shared: &Shared,
-    (pods, leases, groups): (&Api<Pod>, &Api<Lease>, &Api<ElectionGroup>),
+    (pods, leases, groups): (&Api<Pod>, &Api<LeanLease>, &Api<ElectionGroup>),
     group: &ElectionGroup,
     lease: &Lease,
     old: &str,
@@ -195,7 +196,7 @@ async fn failover(
     };
     let desired = podium::lease::desired(group, Some(lease), &transfer, Timestamp::now())
         .ok_or_else(|| anyhow!("no Lease for a transfer"))?;
-    let written = shared.wrote(podium::lease::write(leases, &desired, false).await)?;
+    let written = shared.wrote(podium::lease::write(leases, desired, false).await)?;
     shared.world().leases.offer(written);
     let promote = LabelWrite::Promote {
         pod: new.name_any(),

@@ -16,6 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
+use podium::lean_lease::LeanLease;
 
 use super::OPERATOR_CONCURRENCY;
 use crate::procstat;
@@ -80,13 +81,14 @@ async fn renew(
     window: Duration,
 ) -> Result<Renewals> {
     let client = Client::try_from(config).context("building the renewer's client")?;
-    let api: Api<Lease> = Api::namespaced(client, ns);
+    let api: Api<LeanLease> = Api::namespaced(client, ns);
     let period = podium_core::election::renew_interval(ttl_seconds);
     let mut leases: HashMap<String, Lease> = HashMap::new();
     // Each Lease is due TTL/2 after the renewTime it carries, as podium schedules it.
     let mut due: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
     let now = (Instant::now(), Timestamp::now());
     for lease in api.list(&ListParams::default()).await?.items {
+        let lease = Lease::from(lease);
         let renewed = lease
             .spec
             .as_ref()
@@ -140,7 +142,7 @@ async fn renew(
                     if let Some(spec) = lease.spec.as_mut() {
                         spec.renew_time = Some(MicroTime(Timestamp::now()));
                     }
-                    let result = podium::lease::write(&api, &lease, false).await;
+                    let result = podium::lease::write(&api, lease, false).await;
                     (name, sent_at, result)
                 }));
             }

@@ -3,6 +3,7 @@
 //! routine labels. Any failure stops here: what was written is durable and consistent, and
 //! the next reconcile converges from the Lease.
 
+use crate::lean_lease::LeanLease;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use crate::{labels, lease};
 pub async fn apply(
     group: &ElectionGroup,
     ctx: &Context,
-    lease_api: &Api<Lease>,
+    lease_api: &Api<LeanLease>,
     read_lease: Option<&Lease>,
     decision: &Decision,
     seen_at: Instant,
@@ -74,7 +75,7 @@ pub async fn apply(
 async fn write_lease(
     group: &ElectionGroup,
     ctx: &Context,
-    lease_api: &Api<Lease>,
+    lease_api: &Api<LeanLease>,
     read_lease: Option<&Lease>,
     decision: &Decision,
     write: &LeaseWrite,
@@ -87,7 +88,7 @@ async fn write_lease(
         return Ok(());
     };
     let create = matches!(write, LeaseWrite::Create { .. });
-    let written = lease::write(lease_api, &desired, create).await?;
+    let written = lease::write(lease_api, desired, create).await?;
     ctx.memory
         .wrote_lease(&key, read_lease.and_then(|l| l.resource_version()), written);
     if let Some(h) = &decision.handover {

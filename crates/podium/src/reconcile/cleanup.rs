@@ -6,13 +6,13 @@
 //! and a pod the cache shows untouched would keep its label for good: nothing reconciles a
 //! deleted group again.
 
+use crate::lean_lease::LeanLease;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::pod::ElectionPod;
 use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
-use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -33,7 +33,7 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
         .iter()
         .map(|p| election::member_from_pod(p, None, Duration::ZERO, now))
         .collect();
-    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+    let lease_api: Api<LeanLease> = Api::namespaced(ctx.client.clone(), &namespace);
     let owned = lease::get(&lease_api, &name)
         .await?
         .filter(|l| matches!(lease::state(group, Some(l)), LeaseState::Owned(_)));

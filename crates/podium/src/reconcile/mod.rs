@@ -14,6 +14,7 @@ mod cleanup;
 mod observe;
 mod report;
 
+use crate::lean_lease::LeanLease;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -193,7 +194,7 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    let lease_api: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
+    let lease_api: Api<LeanLease> = Api::namespaced(ctx.client.clone(), &namespace);
     let read_lease = observe::read_lease(ctx, &lease_api, &key).await?;
     let observed = observe::observe(
         group,

@@ -2,6 +2,7 @@
 //! pods the group selects or once touched are looked at (through the indexes), so a reconcile
 //! costs the same with 10 groups or 3000.
 
+use crate::lean_lease::LeanLease;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,11 @@ use crate::{index, lease, validate};
 /// creates it, and a create is itself a compare-and-swap on "absent", refused with a 409 when
 /// the cache was wrong, after which the next reconcile reads the server. That read cost one
 /// request per new group, a fifth of an election's floor.
-pub async fn read_lease(ctx: &Context, api: &Api<Lease>, key: &Key) -> Result<Option<Arc<Lease>>> {
+pub async fn read_lease(
+    ctx: &Context,
+    api: &Api<LeanLease>,
+    key: &Key,
+) -> Result<Option<Arc<Lease>>> {
     let (namespace, name) = key;
     let stale = ctx.memory.take_lease_stale(key);
     let cached = ctx.leases.get(&ObjectRef::new(name).within(namespace));
