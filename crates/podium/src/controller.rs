@@ -6,8 +6,6 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::lean_lease::LeanLease;
-use crate::pod::ElectionPod;
 use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -22,7 +20,9 @@ use tokio_stream::wrappers::WatchStream;
 use crate::crd::{ElectionGroup, GROUP_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::events::Events;
 use crate::index::{self, Index};
+use crate::lean_lease::LeanLease;
 use crate::metrics::Metrics;
+use crate::pod::ElectionPod;
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::{FIELD_MANAGER, election};
 

@@ -3,11 +3,9 @@
 //! routine labels. Any failure stops here: what was written is durable and consistent, and
 //! the next reconcile converges from the Lease.
 
-use crate::lean_lease::LeanLease;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use crate::pod::ElectionPod;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
@@ -20,7 +18,9 @@ use crate::election::{
     self, Decision, Handover, LabelWrite, LeaseWrite, Observation, Outcome, Step,
 };
 use crate::error::{Error, Result};
+use crate::lean_lease::LeanLease;
 use crate::memory::Key;
+use crate::pod::ElectionPod;
 use crate::{labels, lease};
 
 pub async fn apply(

@@ -6,11 +6,9 @@
 //! and a pod the cache shows untouched would keep its label for good: nothing reconciles a
 //! deleted group again.
 
-use crate::lean_lease::LeanLease;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::pod::ElectionPod;
 use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use kube::ResourceExt;
@@ -21,6 +19,8 @@ use super::Context;
 use crate::crd::{ElectionGroup, GROUP_ANNOTATION};
 use crate::election::{self, LabelWrite, LeaseState, Member};
 use crate::error::{Error, Result};
+use crate::lean_lease::LeanLease;
+use crate::pod::ElectionPod;
 use crate::{index, labels, lease, validate};
 
 pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {

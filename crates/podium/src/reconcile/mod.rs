@@ -14,12 +14,10 @@ mod cleanup;
 mod observe;
 mod report;
 
-use crate::lean_lease::LeanLease;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::pod::ElectionPod;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
@@ -35,8 +33,10 @@ use crate::crd::{ElectionGroup, FINALIZER};
 use crate::election;
 use crate::error::{Error, Result};
 use crate::index::Index;
+use crate::lean_lease::LeanLease;
 use crate::memory::Memory;
 use crate::metrics::Metrics;
+use crate::pod::ElectionPod;
 use crate::validate;
 
 /// How soon a reconcile that found its claim lapsed looks again.

@@ -2,12 +2,10 @@
 //! pods the group selects or once touched are looked at (through the indexes), so a reconcile
 //! costs the same with 10 groups or 3000.
 
-use crate::lean_lease::LeanLease;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::pod::ElectionPod;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
@@ -18,7 +16,9 @@ use super::Context;
 use crate::crd::{ElectionGroup, SWITCHOVER_ANNOTATION, SwitchoverRequest};
 use crate::election::{self, Observation, Overlap};
 use crate::error::Result;
+use crate::lean_lease::LeanLease;
 use crate::memory::Key;
+use crate::pod::ElectionPod;
 use crate::{index, lease, validate};
 
 /// The group's Lease: our own last write while the cache lags it, else the cache. The server is
