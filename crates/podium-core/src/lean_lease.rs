@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize, Serializer};
 pub struct LeanLease {
     #[serde(deserialize_with = "crate::meta::without_managed_fields")]
     pub metadata: ObjectMeta,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub spec: Option<LeaseSpec>,
 }
 
