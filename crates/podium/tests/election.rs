@@ -9,7 +9,8 @@ use common::{
     Fixture, RunOperator, elected, finish, fixture, pod_ip, served, start_operator, wait_for,
 };
 use kube::ResourceExt;
-use podium::crd::{EPOCH_ANNOTATION, ROLE_LABEL};
+use kube::api::{Patch, PatchParams};
+use podium::crd::{EPOCH_ANNOTATION, FENCE_ANNOTATION, GROUP_ANNOTATION, ROLE_LABEL};
 use podium_testkit::intercept;
 use podium_testkit::lag::LaggingWatches;
 use podium_testkit::testbed::Testbed;
@@ -356,6 +357,57 @@ async fn a_group_deleted_before_the_cache_shows_its_labels_still_loses_them_all(
     f.wait_leader_other_than(None, Duration::from_secs(5)).await;
     f.wait_followers(2, Duration::from_secs(5)).await;
     f.delete_group("web").await;
+    assert_no_trace_of_web(&f).await;
+    operator.stop().await;
+}
+
+/// A cleanup attempt that stopped between its fence and its unfence (a 409 on another pod's
+/// strip ends it; seen once in CI) left the old leader with only the fence annotation: the
+/// fence takes the group's annotation off, the Lease was gone, and the status had not named the
+/// leader yet. The next attempt must still find and unfence it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_retried_after_its_fence_still_unfences_the_leader() {
+    let f = fixture("delete-retry").await;
+    f.deploy("web", 3).await;
+    let operator = f.operator().await;
+    f.group("web", "web", json!({})).await;
+    let leader = f.wait_leader_other_than(None, Duration::from_secs(2)).await;
+    f.wait_followers(2, Duration::from_secs(5)).await;
+    operator.stop().await;
+
+    let merge = |body: serde_json::Value| Patch::Merge(body);
+    f.pods()
+        .patch(
+            &leader.name_any(),
+            &PatchParams::default(),
+            &merge(json!({ "metadata": {
+                "labels": { ROLE_LABEL: null },
+                "annotations": { EPOCH_ANNOTATION: null, GROUP_ANNOTATION: null, FENCE_ANNOTATION: "1" },
+            }})),
+        )
+        .await
+        .unwrap();
+    f.leases().delete("web", &Default::default()).await.unwrap();
+    f.groups()
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &merge(json!({ "status": { "leader": null } })),
+        )
+        .await
+        .unwrap();
+    f.groups().delete("web", &Default::default()).await.unwrap();
+
+    let operator = f.operator().await;
+    wait_for(Duration::from_secs(5), "group web gone", || async {
+        f.groups()
+            .get_opt("web")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
     assert_no_trace_of_web(&f).await;
     operator.stop().await;
 }

@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 
 use super::Context;
-use crate::crd::{ElectionGroup, GROUP_ANNOTATION};
+use crate::crd::{ElectionGroup, FENCE_ANNOTATION, GROUP_ANNOTATION};
 use crate::election::{self, LabelWrite, LeaseState, Member};
 use crate::error::{Error, Result};
 use crate::lean_lease::LeanLease;
@@ -28,8 +28,8 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
     let now = Timestamp::now();
     let pods: Api<ElectionPod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let touched: Vec<Member> = touched_pods(group, ctx, &pods, &namespace, &name)
-        .await?
+    let read = touched_pods(group, ctx, &pods, &namespace, &name).await?;
+    let touched: Vec<Member> = read
         .iter()
         .map(|p| election::member_from_pod(p, None, Duration::ZERO, now))
         .collect();
@@ -51,7 +51,10 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
         .and_then(|l| l.resource_version())
         .or_else(|| group.resource_version())
         .unwrap_or_default();
-    let writes = election::cleanup_writes(&touched, &may_lead, &fence_version);
+    let mut writes = election::cleanup_writes(&touched, &may_lead, &fence_version);
+    writes
+        .strips
+        .extend(unfinished_fences(&read, &writes.fences));
     if !ctx.claim.borrow().is_current() {
         return Ok(Action::requeue(super::CLAIM_RETRY));
     }
@@ -105,6 +108,25 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// Pods an earlier attempt of this cleanup fenced and did not unfence: it stopped between the
+/// two (a 409 on another pod's strip ends the attempt), and the fence had taken the group's
+/// annotation off, so nothing else names them any more. Their fence annotation comes off with
+/// a strip, conditional on the version read.
+fn unfinished_fences(read: &[ElectionPod], fences: &[LabelWrite]) -> Vec<LabelWrite> {
+    read.iter()
+        .filter(|p| {
+            let annotations = p.annotations();
+            annotations.contains_key(FENCE_ANNOTATION)
+                && !annotations.contains_key(GROUP_ANNOTATION)
+        })
+        .filter(|p| !fences.iter().any(|f| f.pod() == p.name_any()))
+        .map(|p| LabelWrite::Strip {
+            pod: p.name_any(),
+            resource_version: p.resource_version().unwrap_or_default(),
+        })
+        .collect()
+}
+
 /// The pods carrying the group's annotation, read from the server one by one: every pod the
 /// cache shows the group touched or selects, so that a label written but not yet in the cache
 /// is found, and each with its current version for the conditional strips. A GET by name is one
@@ -139,10 +161,19 @@ async fn touched_pods(
         .buffer_unordered(READS_IN_FLIGHT)
         .try_collect()
         .await?;
+    // A pod with a fence and no group annotation is one this cleanup fenced before (see
+    // [`unfinished_fences`]); it is among the candidates because the group selects it or the
+    // cache still shows it annotated.
     Ok(read
         .into_iter()
         .flatten()
-        .filter(|p| p.annotations().get(GROUP_ANNOTATION).map(String::as_str) == Some(name))
+        .filter(|p| {
+            let annotations = p.annotations();
+            match annotations.get(GROUP_ANNOTATION) {
+                Some(group) => group == name,
+                None => annotations.contains_key(FENCE_ANNOTATION),
+            }
+        })
         .collect())
 }
 
