@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize, Serializer};
 pub struct LeanLease {
     #[serde(deserialize_with = "crate::meta::without_managed_fields")]
     pub metadata: ObjectMeta,
-    #[serde(default)]
     pub spec: Option<LeaseSpec>,
 }
 

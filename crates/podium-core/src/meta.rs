@@ -39,36 +39,23 @@ pub fn without_managed_fields<'de, D: Deserializer<'de>>(
 }
 
 /// `ObjectMeta`'s wire form less `managedFields`, which serde then skips as an unknown field.
+/// (serde decodes an absent `Option` field as `None`.)
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Meta {
-    #[serde(default)]
     annotations: Option<BTreeMap<String, String>>,
-    #[serde(default)]
     creation_timestamp: Option<Time>,
-    #[serde(default)]
     deletion_grace_period_seconds: Option<i64>,
-    #[serde(default)]
     deletion_timestamp: Option<Time>,
-    #[serde(default)]
     finalizers: Option<Vec<String>>,
-    #[serde(default)]
     generate_name: Option<String>,
-    #[serde(default)]
     generation: Option<i64>,
-    #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
     name: Option<String>,
-    #[serde(default)]
     namespace: Option<String>,
-    #[serde(default)]
     owner_references: Option<Vec<OwnerReference>>,
-    #[serde(default)]
     resource_version: Option<String>,
-    #[serde(default)]
     self_link: Option<String>,
-    #[serde(default)]
     uid: Option<String>,
 }
 

@@ -326,6 +326,11 @@ impl Fixture {
             .delete(name, &DeleteParams::default())
             .await
             .expect("delete group");
+        self.wait_group_gone(name).await;
+    }
+
+    /// Waits until the group `name` no longer exists (its finalizer has run).
+    pub async fn wait_group_gone(&self, name: &str) {
         wait_for(
             Duration::from_secs(5),
             &format!("group {name} gone"),

@@ -375,12 +375,11 @@ async fn a_cleanup_retried_after_its_fence_still_unfences_the_leader() {
     f.wait_followers(2, Duration::from_secs(5)).await;
     operator.stop().await;
 
-    let merge = |body: serde_json::Value| Patch::Merge(body);
     f.pods()
         .patch(
             &leader.name_any(),
             &PatchParams::default(),
-            &merge(json!({ "metadata": {
+            &Patch::Merge(json!({ "metadata": {
                 "labels": { ROLE_LABEL: null },
                 "annotations": { EPOCH_ANNOTATION: null, GROUP_ANNOTATION: null, FENCE_ANNOTATION: "1" },
             }})),
@@ -392,22 +391,14 @@ async fn a_cleanup_retried_after_its_fence_still_unfences_the_leader() {
         .patch_status(
             "web",
             &PatchParams::default(),
-            &merge(json!({ "status": { "leader": null } })),
+            &Patch::Merge(json!({ "status": { "leader": null } })),
         )
         .await
         .unwrap();
     f.groups().delete("web", &Default::default()).await.unwrap();
 
     let operator = f.operator().await;
-    wait_for(Duration::from_secs(5), "group web gone", || async {
-        f.groups()
-            .get_opt("web")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    f.wait_group_gone("web").await;
     assert_no_trace_of_web(&f).await;
     operator.stop().await;
 }

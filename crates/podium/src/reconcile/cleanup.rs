@@ -114,17 +114,19 @@ pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
 /// a strip, conditional on the version read.
 fn unfinished_fences(read: &[ElectionPod], fences: &[LabelWrite]) -> Vec<LabelWrite> {
     read.iter()
-        .filter(|p| {
-            let annotations = p.annotations();
-            annotations.contains_key(FENCE_ANNOTATION)
-                && !annotations.contains_key(GROUP_ANNOTATION)
-        })
+        .filter(|p| fenced_out_of_any_group(p))
         .filter(|p| !fences.iter().any(|f| f.pod() == p.name_any()))
         .map(|p| LabelWrite::Strip {
             pod: p.name_any(),
             resource_version: p.resource_version().unwrap_or_default(),
         })
         .collect()
+}
+
+/// A fence without a group annotation: what a cleanup's fence leaves until its unfence.
+fn fenced_out_of_any_group(pod: &ElectionPod) -> bool {
+    let annotations = pod.annotations();
+    annotations.contains_key(FENCE_ANNOTATION) && !annotations.contains_key(GROUP_ANNOTATION)
 }
 
 /// The pods carrying the group's annotation, read from the server one by one: every pod the
@@ -168,11 +170,8 @@ async fn touched_pods(
         .into_iter()
         .flatten()
         .filter(|p| {
-            let annotations = p.annotations();
-            match annotations.get(GROUP_ANNOTATION) {
-                Some(group) => group == name,
-                None => annotations.contains_key(FENCE_ANNOTATION),
-            }
+            p.annotations().get(GROUP_ANNOTATION).map(String::as_str) == Some(name)
+                || fenced_out_of_any_group(p)
         })
         .collect())
 }
