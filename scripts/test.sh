@@ -49,6 +49,7 @@ step "cargo test (unit and property tests; integration tests on the local contro
 # The kind end-to-end tests need Docker and are #[ignore]d with that reason; cargo lists them.
 # The model checks ran in the steps above, the real-node suite runs in the step below.
 cargo test --locked --workspace -- --skip every_interleaving_keeps_one_leader_and_a_growing_epoch \
+  --skip renewals_at_any_moment_keep_one_leader_and_a_growing_epoch \
   --skip every_interleaving_keeps_at_most_one_leader_process \
   --skip chart_in_cluster_operator_and_service_traffic_on_a_real_node
 

@@ -137,12 +137,13 @@ pub fn desired(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crd::ElectionGroupSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 
-    fn group() -> ElectionGroup {
+    /// The group `ns/web` (uid `g-uid`) selecting every pod; also for [`crate::renewal`]'s tests.
+    pub(crate) fn group() -> ElectionGroup {
         let mut g = ElectionGroup::new(
             "web",
             ElectionGroupSpec::selecting(LabelSelector::default()),

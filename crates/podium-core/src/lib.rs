@@ -8,6 +8,7 @@
 //! - [`pod`]: a pod as the operator decodes and caches it, only the fields the election reads.
 //! - [`lean_lease`], [`meta`]: Leases and metadata decoded without their managed fields.
 //! - [`lease`], [`labels`]: the objects and patch bodies those writes become.
+//! - [`renewal`]: a kept holder's routine renewal, sent without deciding again.
 //! - [`selector`], [`validate`]: label-selector matching and the spec rules, checked in code.
 //! - [`notify`]: the role notifications pushed to pods and the rules of `podium exec`'s term
 //!   and of activating a new leader's process.
@@ -21,6 +22,7 @@ pub mod lease;
 pub mod meta;
 pub mod notify;
 pub mod pod;
+pub mod renewal;
 pub mod request;
 pub mod selector;
 pub mod validate;

@@ -12,7 +12,8 @@
 //! replica's reconcile in flight and relists it to the oldest snapshot, and a paused replica is
 //! simply one whose steps come later. The environment deletes, recreates and readies pods,
 //! changes `preferredLeader` and priorities, and a human unselects a pod; each such event uses
-//! one unit of a budget.
+//! one unit of a budget. Renewals land at any moment, from a budget of their own
+//! ([`Action::Renew`]).
 //!
 //! Checked in every state reached:
 //! - I1: at most one pod carries `podium.dev/role=leader`.
@@ -23,8 +24,9 @@
 //!   three reconciles: one leader label, on the Lease holder, which is eligible whenever a
 //!   member is.
 //!
-//! `PODIUM_MODEL_EVENTS`, `PODIUM_MODEL_DECISIONS`, `PODIUM_MODEL_REPLICAS` and
-//! `PODIUM_MODEL_PODS` widen the scope (see docs/design.md for how far they were run).
+//! `PODIUM_MODEL_EVENTS`, `PODIUM_MODEL_RENEWALS`, `PODIUM_MODEL_DECISIONS`,
+//! `PODIUM_MODEL_REPLICAS` and `PODIUM_MODEL_PODS` widen the scope (see docs/design.md for how
+//! far they were run).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -133,6 +135,7 @@ struct State {
     /// The oldest snapshot, which a crashed replica relists to.
     oldest: (Vec<Option<PodObj>>, Option<LeaseObj>, GroupObj),
     events_left: u8,
+    renewals_left: u8,
     crashes_left: u8,
     highest_labelled_epoch: i32,
     violation: Option<String>,
@@ -151,6 +154,12 @@ enum Action {
     Send(usize),
     /// Replica `r` dies and relists to the oldest snapshot.
     Crash(usize),
+    /// A renewal lands: a compare-and-swap that keeps the holder and the epoch, sent by any
+    /// replica from any view, at any moment. Whatever the sender saw, a renewal that the server
+    /// accepts replaced the current version, so it changes only the version (and renewTime,
+    /// which the model holds fixed); one it refuses changes nothing. This one action therefore
+    /// stands for every replica's routine renewals, whether a reconcile or a renewer sends them.
+    Renew,
     DeletePod(usize),
     FinalizePod(usize),
     CreatePod(usize),
@@ -174,6 +183,8 @@ struct Protocols {
     pods: usize,
     replicas: usize,
     events: u8,
+    /// How many renewals may land, on top of the environment's events.
+    renewals: u8,
     decisions: u8,
     crashes: u8,
     /// Start from a group that has never elected (no Lease) as well as from a settled one.
@@ -205,6 +216,7 @@ impl Protocols {
             pods: env_or("PODIUM_MODEL_PODS", 3) as usize,
             replicas: env_or("PODIUM_MODEL_REPLICAS", 2) as usize,
             events: env_or("PODIUM_MODEL_EVENTS", 4) as u8,
+            renewals: env_or("PODIUM_MODEL_RENEWALS", 0) as u8,
             decisions: env_or("PODIUM_MODEL_DECISIONS", if full { 2 } else { 1 }) as u8,
             crashes: u8::from(full),
             from_scratch: full,
@@ -615,6 +627,7 @@ impl Protocols {
             replicas: vec![replica; self.replicas],
             world,
             events_left: self.events,
+            renewals_left: self.renewals,
             crashes_left: self.crashes,
             highest_labelled_epoch: i32::from(with_lease),
             violation: None,
@@ -702,6 +715,9 @@ impl Model for Protocols {
                 actions.push(Action::Crash(r));
             }
         }
+        if s.renewals_left > 0 && s.world.lease.as_ref().is_some_and(|l| l.holder.is_some()) {
+            actions.push(Action::Renew);
+        }
         if s.events_left == 0 {
             return;
         }
@@ -765,6 +781,11 @@ impl Model for Protocols {
                 replica.pods = pods;
                 replica.lease = lease;
                 replica.group = group;
+            }
+            Action::Renew => {
+                s.renewals_left -= 1;
+                let version = s.world.bump();
+                s.world.lease.as_mut()?.version = version;
             }
             Action::DeletePod(i) => {
                 event(&mut s);
@@ -958,11 +979,12 @@ fn check(model: Protocols) -> (usize, usize, Vec<(&'static str, String)>) {
         .map(|(name, path)| (name, format!("{:?}", path.into_actions())))
         .collect();
     println!(
-        "model check ({:?}, {} pods, {} replicas, {} events, {} reconciles each, {} crashes, human edits {}, from scratch {}): {} states, {} unique, depth {}, {:.1}s",
+        "model check ({:?}, {} pods, {} replicas, {} events, {} renewals, {} reconciles each, {} crashes, human edits {}, from scratch {}): {} states, {} unique, depth {}, {:.1}s",
         checker.model().protocol,
         checker.model().pods,
         checker.model().replicas,
         checker.model().events,
+        checker.model().renewals,
         checker.model().decisions,
         checker.model().crashes,
         checker.model().human_edits,
@@ -978,6 +1000,20 @@ fn check(model: Protocols) -> (usize, usize, Vec<(&'static str, String)>) {
 #[test]
 fn every_interleaving_keeps_one_leader_and_a_growing_epoch() {
     let (_, unique, found) = check(Protocols::ci(Protocol::Fenced));
+    assert!(unique > 1000, "the model explored only {unique} states");
+    assert!(found.is_empty(), "counterexamples: {found:#?}");
+}
+
+/// Renewals landing at any moment, from any replica: the operator's renewer sends them outside
+/// any reconcile, from its own last write or its cache. One renewal with three events costs
+/// about as much to explore as four events without; `PODIUM_MODEL_RENEWALS` and
+/// `PODIUM_MODEL_EVENTS` widen it (docs/design.md gives how far it was run).
+#[test]
+fn renewals_at_any_moment_keep_one_leader_and_a_growing_epoch() {
+    let mut model = Protocols::ci(Protocol::Fenced);
+    model.renewals = model.renewals.max(1);
+    model.events = u8::try_from(env_or("PODIUM_MODEL_EVENTS", 3)).unwrap_or(3);
+    let (_, unique, found) = check(model);
     assert!(unique > 1000, "the model explored only {unique} states");
     assert!(found.is_empty(), "counterexamples: {found:#?}");
 }

@@ -121,6 +121,20 @@ pub async fn run(
     // Gaining operator leadership reconciles every group at once.
     let gained = WatchStream::new(leading.clone()).filter_map(|l| async move { l.then_some(()) });
 
+    let memory = Arc::new(crate::memory::Memory::default());
+    // Groups the renewer hands back for a decision.
+    let (decide, to_decide) = tokio::sync::mpsc::unbounded_channel();
+    let renewer = crate::renewer::Renewer::start(
+        crate::renewer::Sources {
+            client: client.clone(),
+            groups: groups.clone(),
+            leases: leases.clone(),
+            memory: memory.clone(),
+            leading: leading.clone(),
+            claim: claim.clone(),
+        },
+        decide,
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         groups: groups.clone(),
@@ -150,7 +164,8 @@ pub async fn run(
         leading,
         claim,
         synced: ready,
-        memory: Default::default(),
+        memory,
+        renewer,
     });
 
     let groups_for_pods = (groups.clone(), group_index.clone());
@@ -160,6 +175,9 @@ pub async fn run(
         })
         .owns_stream(lease_stream)
         .reconcile_all_on(gained)
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            to_decide,
+        ))
         // The controller pauses all its watches together after an error from any of them, with
         // the same 30 s-capped backoff by default; that hid every pod event for half a minute
         // after an API server restart.

@@ -6,6 +6,7 @@
 //! - [`lease`], [`labels`], [`status`]: the conditional writes.
 //! - [`notify`]: role notifications to the pods of groups with `spec.notify`.
 //! - [`memory`]: what the operator remembers per group between reconciles.
+//! - [`renewer`]: a kept holder's routine renewals, outside the reconcile.
 //! - [`operator`], [`ha`], [`http`], [`metrics`], [`client_metrics`], [`telemetry`], [`cli`]:
 //!   running it.
 //! - [`ctl`]: `podium switchover` and `podium status` (also as `kubectl podium`).
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod notify;
 pub mod operator;
 pub mod reconcile;
+pub mod renewer;
 pub mod status;
 pub mod telemetry;
 

@@ -120,6 +120,11 @@ impl Memory {
         });
     }
 
+    /// Whether the cached Lease is known to be stale, leaving that for a reconcile to act on.
+    pub fn lease_is_stale(&self, key: &Key) -> bool {
+        self.with(key, |m| m.lease_stale)
+    }
+
     /// Whether the cached Lease is known to be stale; asking clears it (the caller reads anew).
     pub fn take_lease_stale(&self, key: &Key) -> bool {
         self.with(key, |m| std::mem::take(&mut m.lease_stale))

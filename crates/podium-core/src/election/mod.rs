@@ -190,7 +190,17 @@ pub struct Decision {
     pub warnings: Vec<String>,
     /// What became of the pending switchover request, if there was one.
     pub switchover: Option<SwitchoverDecision>,
+    /// When to decide again with no event to prompt it: the soonest of the renewal below, a
+    /// deadline in `wake_after`, and a recheck when nobody leads.
     pub requeue_after: Duration,
+    /// When the Lease this decision leaves with a holder is next due for renewal; `None` when
+    /// it leaves nobody to renew for. A renewal keeps the holder and the epoch, so it may be sent
+    /// without deciding again (docs/design.md, "Renewals").
+    pub renew_after: Option<Duration>,
+    /// The soonest moment at which time alone can change the decision (a member's
+    /// `minReadySeconds` or the holder's failover delay running out); `None` when only an event
+    /// can.
+    pub wake_after: Option<Duration>,
 }
 
 impl Decision {
@@ -249,6 +259,8 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             .collect(),
         switchover: None,
         requeue_after: renew_interval(spec.lease_duration_seconds),
+        renew_after: None,
+        wake_after: None,
     };
 
     let lease = match &obs.lease {
@@ -302,6 +314,7 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             let (write, requeue) = renewal(view, spec.lease_duration_seconds, obs.now);
             decision.lease = write;
             decision.requeue_after = requeue;
+            decision.renew_after = Some(requeue.max(MIN_REQUEUE));
         }
         return decision;
     }
@@ -351,6 +364,8 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
         (Some(l), None) => l.holder.is_none(),
         (None, _) => false,
     };
+    // Until the holder's Lease is next due: a write of ours now starts a new interval.
+    let mut renewal_due = renew_interval(spec.lease_duration_seconds);
     match lease {
         None => {
             // A Lease deleted by hand must not restart the epoch: carry on from the highest
@@ -403,6 +418,7 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                     write
                 };
                 decision.requeue_after = requeue;
+                renewal_due = requeue;
             }
         }
     }
@@ -434,6 +450,13 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     if promotes && decision.lease == LeaseWrite::Keep {
         decision.lease = LeaseWrite::Renew;
     }
+    if decision.lease != LeaseWrite::Keep {
+        renewal_due = renew_interval(spec.lease_duration_seconds);
+    }
+    decision.renew_after = decision
+        .leader
+        .is_some()
+        .then(|| renewal_due.max(MIN_REQUEUE));
 
     let soonest_eligible = obs
         .members
@@ -446,6 +469,7 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     // A NotReady leader within its failover delay: look again when the delay ends.
     if let Some(remaining) = soonest_eligible.into_iter().chain(holder_grace).min() {
         decision.requeue_after = decision.requeue_after.min(remaining);
+        decision.wake_after = Some(remaining.max(MIN_REQUEUE));
     }
     decision.requeue_after = decision.requeue_after.max(MIN_REQUEUE);
     decision

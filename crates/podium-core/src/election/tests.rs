@@ -142,9 +142,12 @@ fn a_healthy_holder_is_kept_without_writes_until_renewal_is_due() {
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert!(d.labels.is_empty(), "{:?}", d.labels);
     assert_eq!(d.requeue_after, Duration::from_secs(3));
+    assert_eq!(d.renew_after, Some(Duration::from_secs(3)));
+    assert_eq!(d.wake_after, None);
     let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 105));
     assert_eq!(d.lease, LeaseWrite::Renew);
     assert_eq!(d.requeue_after, Duration::from_secs(5));
+    assert_eq!(d.renew_after, Some(Duration::from_secs(5)));
 }
 
 #[test]
@@ -277,6 +280,7 @@ fn an_empty_lease_with_nobody_eligible_is_left_alone() {
     assert_eq!(d.lease, LeaseWrite::Keep);
     assert!(d.labels.is_empty());
     assert_eq!(d.requeue_after, Duration::from_secs(10));
+    assert_eq!(d.renew_after, None, "nobody to renew for");
 }
 
 #[test]
@@ -486,6 +490,8 @@ fn min_ready_seconds_requeues_when_the_first_member_qualifies() {
         }
     );
     assert_eq!(d.requeue_after, Duration::from_millis(2500));
+    assert_eq!(d.renew_after, None);
+    assert_eq!(d.wake_after, Some(Duration::from_millis(2500)));
 }
 
 #[test]
@@ -885,6 +891,19 @@ proptest! {
         let final_leaders: Vec<&String> = roles.iter().filter(|(_, v)| v.as_deref() == Some(ROLE_LEADER)).map(|(k, _)| k).collect();
         prop_assert_eq!(final_leaders, d.leader.iter().map(|h| &h.name).collect::<Vec<_>>());
         prop_assert!(d.requeue_after >= MIN_REQUEUE);
+        // Somebody to renew for exactly when the decision leaves a holder; a write of ours now
+        // starts a full interval, and a renewal is never due later than the next look.
+        prop_assert_eq!(d.renew_after.is_some(), d.leader.is_some());
+        if let Some(after) = d.renew_after {
+            prop_assert!(after >= MIN_REQUEUE && after <= renew_interval(s.lease_duration_seconds));
+            if d.lease != LeaseWrite::Keep {
+                prop_assert_eq!(after, renew_interval(s.lease_duration_seconds));
+            }
+            prop_assert!(d.requeue_after <= after);
+        }
+        if let Some(wake) = d.wake_after {
+            prop_assert!(d.requeue_after <= wake);
+        }
     }
 }
 
@@ -956,6 +975,11 @@ fn failover_delay_keeps_a_not_ready_leader_until_the_delay_runs_out() {
     assert!(!matches!(d.lease, LeaseWrite::Transfer { .. }));
     assert!(d.labels.is_empty(), "{:?}", d.labels);
     assert_eq!(d.requeue_after, Duration::from_secs(2));
+    assert_eq!(d.wake_after, Some(Duration::from_secs(2)));
+    assert!(
+        d.renew_after.is_some(),
+        "the delayed holder is still renewed"
+    );
     // Past it: the usual failover.
     let d = decide(&observe(&s, members, lease(Some("a"), 4, 100), 105));
     assert_eq!(d.leader, holder("c"));

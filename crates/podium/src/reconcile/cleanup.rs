@@ -26,6 +26,8 @@ use crate::{index, labels, lease, validate};
 pub async fn cleanup(group: &ElectionGroup, ctx: &Context) -> Result<Action> {
     let name = group.name_any();
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
+    // The renewer would hand a deleting group back anyway; stop it renewing what goes away.
+    ctx.renewer.release(&(namespace.clone(), name.clone()));
     let now = Timestamp::now();
     let pods: Api<ElectionPod> = Api::namespaced(ctx.client.clone(), &namespace);
     let read = touched_pods(group, ctx, &pods, &namespace, &name).await?;

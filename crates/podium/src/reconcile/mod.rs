@@ -34,13 +34,18 @@ use crate::election;
 use crate::error::{Error, Result};
 use crate::index::Index;
 use crate::lean_lease::LeanLease;
-use crate::memory::Memory;
+use crate::memory::{Key, Memory};
 use crate::metrics::Metrics;
 use crate::pod::ElectionPod;
 use crate::validate;
+use podium_core::renewal::Holding;
 
 /// How soon a reconcile that found its claim lapsed looks again.
 const CLAIM_RETRY: Duration = Duration::from_millis(200);
+
+/// How often a group whose holder the renewer keeps is decided again with no event to prompt
+/// it: a safety net for a missed event, not the renewal cadence.
+const RESYNC: Duration = Duration::from_secs(60);
 
 /// What every reconcile shares: the client, the watch caches, the memory, and the reporting
 /// sinks.
@@ -62,7 +67,8 @@ pub struct Context {
     pub claim: watch::Receiver<crate::ha::Claim>,
     /// Whether every cache has had its first full list.
     pub synced: Arc<AtomicBool>,
-    pub memory: Memory,
+    pub memory: Arc<Memory>,
+    pub renewer: crate::renewer::Renewer,
 }
 
 pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<Action> {
@@ -191,6 +197,7 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
         if let Some(refused) = &refused {
             report::switchover_done(ctx, group, refused);
         }
+        ctx.renewer.release(&key);
         return Ok(Action::await_change());
     }
 
@@ -226,6 +233,7 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
     )
     .await;
     if let Err(e) = &result {
+        ctx.renewer.release(&key);
         match e {
             Error::LeaseWrite { source, .. } => ctx
                 .memory
@@ -238,9 +246,30 @@ async fn elect(cached: &ElectionGroup, ctx: &Context) -> Result<Action> {
         }
     }
     let failover_took = result?;
+    let requeue = keep_renewing(ctx, key, &decision);
     // The pods hear of the labels just written before the status write, which they do not
     // need: that write's round trip would delay every handover of the application's work.
     report::notify(ctx, group, &observed, &decision);
     report::decided(ctx, group, &observed, &decision, failover_took, now).await?;
-    Ok(Action::requeue(decision.requeue_after))
+    Ok(Action::requeue(requeue))
+}
+
+/// Hands a kept holder's renewals to the renewer (or takes them back when nobody leads), and
+/// says when to decide again: at the decision's own deadline or the resync, since the renewer
+/// sends the renewals in between.
+fn keep_renewing(ctx: &Context, key: Key, decision: &election::Decision) -> Duration {
+    match (&decision.leader, decision.renew_after) {
+        (Some(holder), Some(after)) => {
+            let holding = Holding {
+                holder: holder.clone(),
+                epoch: decision.epoch,
+            };
+            ctx.renewer.hold(key, holding, after);
+            decision.wake_after.map_or(RESYNC, |wake| wake.min(RESYNC))
+        }
+        _ => {
+            ctx.renewer.release(&key);
+            decision.requeue_after
+        }
+    }
 }
