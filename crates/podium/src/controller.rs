@@ -132,6 +132,7 @@ pub async fn run(
             memory: memory.clone(),
             leading: leading.clone(),
             claim: claim.clone(),
+            metrics: metrics.clone(),
         },
         decide,
     );

@@ -25,6 +25,16 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RenewalLabels {
+    /// `renewed`, `failed` (the write was refused or got no answer), or `handed_back` (not sent:
+    /// the group needed a decision).
+    pub result: &'static str,
+}
+
+/// The results [`Metrics::renewal`] counts.
+pub const RENEWAL_RESULTS: [&str; 3] = ["renewed", "failed", "handed_back"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NotifyLabels {
     /// `accepted`, `refused`, or why the send failed (`timeout`, `unreachable`, ...).
     pub result: String,
@@ -37,6 +47,7 @@ pub struct Metrics {
     failover_seconds: Histogram,
     reconcile_seconds: Histogram,
     reconcile_errors: Family<ErrorLabels, Counter>,
+    renewals: Family<RenewalLabels, Counter>,
     groups: Gauge,
     groups_without_leader: Gauge,
     is_operator_leader: Gauge,
@@ -89,6 +100,15 @@ impl Metrics {
             "Failed reconciles by error kind",
             reconcile_errors.clone(),
         );
+        let renewals = Family::<RenewalLabels, Counter>::default();
+        for result in RENEWAL_RESULTS {
+            let _ = renewals.get_or_create(&RenewalLabels { result });
+        }
+        registry.register(
+            "renewals",
+            "Routine Lease renewals the renewer sent outside a reconcile, by result: renewed, failed, or handed_back to a reconcile unsent",
+            renewals.clone(),
+        );
         let groups = Gauge::default();
         registry.register(
             "groups",
@@ -138,6 +158,7 @@ impl Metrics {
             failover_seconds,
             reconcile_seconds,
             reconcile_errors,
+            renewals,
             groups,
             groups_without_leader,
             is_operator_leader,
@@ -166,6 +187,11 @@ impl Metrics {
 
     pub fn reconciled(&self, took: Duration) {
         self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    /// One routine renewal's result, one of [`RENEWAL_RESULTS`].
+    pub fn renewal(&self, result: &'static str) {
+        self.renewals.get_or_create(&RenewalLabels { result }).inc();
     }
 
     pub fn reconcile_error(&self, kind: &str) {
@@ -267,6 +293,7 @@ mod tests {
         m.operator_leader(true);
         m.notify_sent("timeout", Duration::from_secs(15));
         m.notify_activated(Duration::from_millis(3));
+        m.renewal("renewed");
         let text = m.encode();
         for needle in [
             "podium_leader_changes_total{namespace=\"ns\",group=\"web\"} 1",
@@ -282,6 +309,9 @@ mod tests {
             "podium_notifications_total{result=\"timeout\"} 1",
             "podium_notification_seconds_count 1",
             "podium_activation_wait_seconds_count 1",
+            "podium_renewals_total{result=\"renewed\"} 1",
+            "podium_renewals_total{result=\"failed\"} 0",
+            "podium_renewals_total{result=\"handed_back\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

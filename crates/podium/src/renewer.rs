@@ -31,6 +31,7 @@ use crate::election;
 use crate::lean_lease::LeanLease;
 use crate::lease;
 use crate::memory::{Key, Memory};
+use crate::metrics::Metrics;
 
 /// Renewals in flight at once, as many as the controller's reconciles.
 const MAX_IN_FLIGHT: usize = 64;
@@ -58,6 +59,7 @@ pub struct Sources {
     pub memory: Arc<Memory>,
     pub leading: watch::Receiver<bool>,
     pub claim: watch::Receiver<crate::ha::Claim>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Renewer {
@@ -101,8 +103,10 @@ enum Outcome {
     /// This replica is not the operator leader; the reconcile of every group on becoming it
     /// hands the group over again.
     NotLeading,
-    /// The group needs a decision.
+    /// The group needs a decision; nothing was sent.
     Decide(String),
+    /// The write was refused or got no answer; the group needs a decision.
+    Failed(String),
 }
 
 async fn run(
@@ -170,7 +174,7 @@ async fn run(
                     Outcome::NotLeading => {
                         entries.remove(&key);
                     }
-                    Outcome::Decide(why) => {
+                    Outcome::Decide(why) | Outcome::Failed(why) => {
                         tracing::debug!(namespace = %key.0, group = %key.1, %why, "renewal handed back to a reconcile");
                         entries.remove(&key);
                         let _ = decide.send(ObjectRef::new(&key.1).within(&key.0));
@@ -181,8 +185,19 @@ async fn run(
     }
 }
 
-/// One renewal of `holding`, from the freshest Lease this replica has.
+/// One renewal of `holding`, from the freshest Lease this replica has, counted by its result.
 async fn renew(sources: &Sources, key: &Key, holding: &Holding) -> Outcome {
+    let outcome = send_renewal(sources, key, holding).await;
+    match &outcome {
+        Outcome::Renewed(_) => sources.metrics.renewal("renewed"),
+        Outcome::Failed(_) => sources.metrics.renewal("failed"),
+        Outcome::Decide(_) => sources.metrics.renewal("handed_back"),
+        Outcome::NotLeading => {}
+    }
+    outcome
+}
+
+async fn send_renewal(sources: &Sources, key: &Key, holding: &Holding) -> Outcome {
     let (namespace, name) = key;
     if !*sources.leading.borrow() {
         return Outcome::NotLeading;
@@ -226,7 +241,7 @@ async fn renew(sources: &Sources, key: &Key, holding: &Holding) -> Outcome {
         Err(e) => {
             let conflict = e.is_conflict();
             sources.memory.lease_write_failed(key, conflict);
-            Outcome::Decide(format!("the renewal failed: {e}"))
+            Outcome::Failed(e.to_string())
         }
     }
 }

@@ -136,16 +136,26 @@ async fn steady_renewals_need_no_reconcile() {
             "leases",
             "200",
         );
-        (reconciles, renewals)
+        let renewed: f64 = samples(&text, "podium_renewals_total")
+            .iter()
+            .filter(|s| label(s, "result") == "renewed")
+            .map(|s| s.1)
+            .sum();
+        (reconciles, renewals, renewed)
     };
-    let (reconciles_before, renewals_before) = counts();
+    let (reconciles_before, renewals_before, counted_before) = counts();
     let lease_before = f.lease_state("web").await;
     let renewed_before = f.renew_time("web").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let (reconciles_after, renewals_after) = counts();
+    let (reconciles_after, renewals_after, counted_after) = counts();
 
     let renewals = renewals_after - renewals_before;
     let reconciles = reconciles_after - reconciles_before;
+    assert_eq!(
+        counted_after - counted_before,
+        renewals,
+        "podium_renewals_total{{result=\"renewed\"}} does not count the renewer's Lease updates"
+    );
     assert!(
         (3.0..=5.0).contains(&renewals),
         "{renewals} Lease renewals in 4 s at a TTL of 2 s (one each second expected)"
