@@ -107,6 +107,12 @@ impl Memory {
         self.with(key, |m| newer_than(&mut m.lease, cached))
     }
 
+    /// The freshest Lease this replica has: our last write while the cache lags it, else the
+    /// cached copy.
+    pub fn freshest_lease(&self, key: &Key, cached: Option<Arc<Lease>>) -> Option<Arc<Lease>> {
+        self.lease_newer_than(key, cached.as_deref()).or(cached)
+    }
+
     /// A status write failed: whatever we remembered writing, the server has moved past it.
     pub fn status_write_failed(&self, key: &Key) {
         self.with(key, |m| m.status = None);

@@ -206,11 +206,10 @@ async fn send_renewal(sources: &Sources, key: &Key, holding: &Holding) -> Outcom
         return Outcome::Decide("the cached Lease is known to be stale".into());
     }
     let group = sources.groups.get(&ObjectRef::new(name).within(namespace));
-    let cached = sources.leases.get(&ObjectRef::new(name).within(namespace));
-    let lease = sources
-        .memory
-        .lease_newer_than(key, cached.as_deref())
-        .or(cached);
+    let lease = sources.memory.freshest_lease(
+        key,
+        sources.leases.get(&ObjectRef::new(name).within(namespace)),
+    );
     let renewed = match renewal::next(
         group.as_deref(),
         lease.as_deref(),

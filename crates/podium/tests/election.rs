@@ -412,8 +412,9 @@ async fn assert_no_trace_of_web(f: &Fixture) {
         );
         assert!(
             !p.annotations().keys().any(|k| k.starts_with("podium.dev/")),
-            "{} still annotated",
-            p.name_any()
+            "{} still annotated: {:?}",
+            p.name_any(),
+            p.annotations()
         );
     }
     assert!(f.leases().get_opt("web").await.unwrap().is_none());

@@ -36,11 +36,7 @@ pub async fn read_lease(
     let stale = ctx.memory.take_lease_stale(key);
     let cached = ctx.leases.get(&ObjectRef::new(name).within(namespace));
     let in_cache = cached.is_some();
-    let cached = ctx
-        .memory
-        .lease_newer_than(key, cached.as_deref())
-        .or(cached)
-        .filter(|_| !stale);
+    let cached = ctx.memory.freshest_lease(key, cached).filter(|_| !stale);
     if cached.is_some() {
         return Ok(cached);
     }
