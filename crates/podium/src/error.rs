@@ -35,6 +35,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("reading the group again: {0}")]
+    GroupRead(#[source] kube::Error),
     #[error("writing status: {0}")]
     StatusPatch(#[source] kube::Error),
     #[error("finalizer: {0}")]
@@ -56,6 +58,7 @@ impl Error {
         "lease_delete",
         "pod_patch",
         "pod_read",
+        "group_read",
         "status_patch",
         "finalizer",
         "lease_moved",
@@ -70,6 +73,7 @@ impl Error {
             Error::LeaseDelete { .. } => "lease_delete",
             Error::PodPatch { .. } => "pod_patch",
             Error::PodRead { .. } => "pod_read",
+            Error::GroupRead(_) => "group_read",
             Error::StatusPatch(_) => "status_patch",
             Error::Finalizer(_) => "finalizer",
             Error::LeaseMoved(_) => "lease_moved",
@@ -85,6 +89,7 @@ impl Error {
             | Error::LeaseDelete { source, .. }
             | Error::PodPatch { source, .. }
             | Error::PodRead { source, .. }
+            | Error::GroupRead(source)
             | Error::StatusPatch(source) => Some(source),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -154,6 +159,7 @@ mod tests {
                 pod: "p".into(),
                 source: api(),
             },
+            Error::GroupRead(api()),
             Error::StatusPatch(api()),
             Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
             Error::LeaseMoved("l".into()),
@@ -167,6 +173,7 @@ mod tests {
                 | Error::LeaseDelete { .. }
                 | Error::PodPatch { .. }
                 | Error::PodRead { .. }
+                | Error::GroupRead(_)
                 | Error::StatusPatch(_)
                 | Error::Finalizer(_)
                 | Error::LeaseMoved(_)

@@ -84,6 +84,10 @@ pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<A
     let started = Instant::now();
     let namespace = group.namespace().ok_or(Error::MissingObjectKey)?;
     let api: Api<ElectionGroup> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(group) = unless_cleaned_up(&api, group).await? else {
+        ctx.metrics.reconciled(started.elapsed());
+        return Ok(Action::await_change());
+    };
     let result = match add_finalizer(&api, group).await {
         Ok(group) => {
             finalizer(&api, FINALIZER, group, |event| async {
@@ -107,6 +111,29 @@ pub async fn reconcile(group: Arc<ElectionGroup>, ctx: Arc<Context>) -> Result<A
         }
         other => other.map_err(|e| Error::Finalizer(Box::new(e))),
     }
+}
+
+/// A deleting group as the server has it now, or `None` once its cleanup has finished. The
+/// cleanup's own pod writes queue one more reconcile, which can start from a cache that still
+/// shows the group with its finalizer after the finalizer is gone; run from that copy, a second
+/// cleanup would fence the old leader again after the group had gone (seen as a flaky
+/// `deleting_a_group_removes_every_label_and_the_lease`), or fence a new group of the same
+/// name. Reconciles of one group never overlap, and only a cleanup removes the finalizer, so
+/// what this read shows still holds when the cleanup starts.
+async fn unless_cleaned_up(
+    api: &Api<ElectionGroup>,
+    group: Arc<ElectionGroup>,
+) -> Result<Option<Arc<ElectionGroup>>> {
+    if group.meta().deletion_timestamp.is_none() {
+        return Ok(Some(group));
+    }
+    let fresh = api
+        .get_opt(&group.name_any())
+        .await
+        .map_err(Error::GroupRead)?;
+    Ok(fresh
+        .filter(|g| g.uid() == group.uid() && g.finalizers().iter().any(|f| f == FINALIZER))
+        .map(Arc::new))
 }
 
 /// Adds podium's finalizer to a live group that lacks it, and goes on with the group the server
