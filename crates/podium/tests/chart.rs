@@ -666,6 +666,20 @@ fn monitoring_objects_are_optional() {
     let many = by_alert("PodiumMultipleLeaders");
     assert!(many["expr"].as_str().unwrap().contains("podium_leaders"));
     assert!(many["expr"].as_str().unwrap().ends_with("> 1"));
+    let renewals = by_alert("PodiumRenewalsFailing");
+    let expr = renewals["expr"].as_str().unwrap();
+    assert!(
+        expr.contains(r#"podium_renewals_total{result="failed"}"#),
+        "{expr}"
+    );
+    assert!(expr.ends_with("> 0.1"), "{expr}");
+    assert_eq!(renewals["for"].as_str(), Some("10m"));
+    assert!(
+        renewals["annotations"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("{{ $value | humanizePercentage }}")
+    );
     // Prometheus templating survives Helm's.
     assert!(
         many["annotations"]["description"]
@@ -1378,7 +1392,8 @@ mod on_testbed {
             .iter()
             .flat_map(|q| queried_metrics(q, "podium_"))
             .collect();
-        // The dashboard covers these; an extraction that found none would pass vacuously.
+        // The dashboard and the alerts cover these; an extraction that found none would pass
+        // vacuously.
         for needed in [
             "podium_leaders",
             "podium_groups_without_leader",
@@ -1386,6 +1401,7 @@ mod on_testbed {
             "podium_leader_changes_total",
             "podium_reconcile_errors_total",
             "podium_is_operator_leader",
+            "podium_renewals_total",
             "podium_kube_client_requests_total",
             "podium_kube_client_request_duration_seconds_bucket",
         ] {
