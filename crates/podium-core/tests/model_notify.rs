@@ -56,8 +56,8 @@ use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 use podium_core::notify::{
-    Activation, Link, NotifyRole, Other, Receiver, RoleMessage, decide_activation,
-    drift_margin_millis,
+    Activation, Identity, Link, MAX_TERM_MILLIS, NotifyRole, Other, Receiver, RoleMessage,
+    decide_activation, drift_margin_millis,
 };
 use stateright::{Checker, HasDiscoveries, Model, Property};
 
@@ -72,6 +72,19 @@ const DRIFT: u64 = 42;
 /// holder can be activated at once.
 const START: u8 = 3;
 const GROUP: &str = "ns/g";
+
+fn uid(p: usize) -> String {
+    format!("uid-{p}")
+}
+
+fn identity(p: usize) -> Identity {
+    Identity {
+        namespace: "ns".into(),
+        group: "g".into(),
+        pod: NAMES[p].into(),
+        pod_uid: uid(p),
+    }
+}
 const NAMES: [&str; 4] = ["p0", "p1", "p2", "p3"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -379,6 +392,7 @@ impl Notify {
         let message = RoleMessage {
             group: GROUP.into(),
             pod: NAMES[p].into(),
+            pod_uid: uid(p),
             role: msg.role.notify(),
             leader: Some(holder.into()),
             epoch: u64::from(msg.epoch),
@@ -393,7 +407,9 @@ impl Notify {
         let rx = &mut pod.rx.as_mut()?.0;
         // The command is carried out before the answer leaves: the receiver's state is the
         // process's state.
-        let reply = rx.handle(&message, clock, s.now.to_string());
+        let reply = rx
+            .handle(&message, clock, s.now.to_string())
+            .expect("the operator's messages are for the pod they reach");
         let leading = rx.leading_epoch();
         if reply.ack.epoch < pod.epoch {
             s.violation = Some(format!(
@@ -449,7 +465,7 @@ impl Model for Notify {
             holders: vec![0],
             pods: (0..self.pods)
                 .map(|p| Pod {
-                    rx: Some(Rx(Receiver::new(NAMES[p], Some(GROUP.into())))),
+                    rx: Some(Rx(Receiver::new(identity(p), MAX_TERM_MILLIS))),
                     epoch: 0,
                     answered: None,
                 })

@@ -35,6 +35,8 @@ fn next_subnet() -> u32 {
 /// One pod and the `podium exec` process "in" it.
 pub struct ProcessPod {
     pub name: String,
+    /// The pod object's UID, which its `podium exec` gets as `POD_UID`.
+    pub uid: String,
     pub ip: String,
     process: Option<Child>,
 }
@@ -154,14 +156,20 @@ impl ProcessPods {
             "metadata": { "name": name, "labels": { "app": app } },
             "spec": { "containers": [{ "name": "app", "image": "app" }] },
         }))?;
-        pods.create(&PostParams::default(), &pod)
+        let created = pods
+            .create(&PostParams::default(), &pod)
             .await
             .with_context(|| format!("creating pod {name}"))?;
+        let uid = created
+            .metadata
+            .uid
+            .with_context(|| format!("pod {name} was created without a UID"))?;
         bind_pod(&self.client, &self.namespace, name, &self.node).await?;
         self.pods.insert(
             name.into(),
             ProcessPod {
                 name: name.into(),
+                uid,
                 ip: ip.clone(),
                 process: None,
             },
@@ -176,12 +184,11 @@ impl ProcessPods {
     }
 
     async fn run_process(&mut self, name: &str) -> Result<()> {
-        let ip = self
+        let pod = self
             .pods
             .get(name)
-            .with_context(|| format!("no pod {name}"))?
-            .ip
-            .clone();
+            .with_context(|| format!("no pod {name}"))?;
+        let (ip, uid) = (pod.ip.clone(), pod.uid.clone());
         let log = self.log();
         let work = format!(
             "echo \"start $POD_NAME $PODIUM_EPOCH $(date +%s%N)\" >> {log}; \
@@ -201,7 +208,7 @@ impl ProcessPods {
                 "--pod",
                 name,
             ])
-            .args(["--group", &format!("{}/{}", self.namespace, self.group)])
+            .args(["--group", &self.group])
             .args([
                 "--operator",
                 &self.operator_subject(),
@@ -212,6 +219,8 @@ impl ProcessPods {
             .args(["sh", "-c", &work])
             .env("KUBECONFIG", &self.kubeconfig)
             .env("POD_NAME", name)
+            .env("POD_NAMESPACE", &self.namespace)
+            .env("POD_UID", &uid)
             .env("RUST_LOG", "info")
             .env("PODIUM_LOG_FORMAT", "json")
             .stdin(Stdio::null())

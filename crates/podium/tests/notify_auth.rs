@@ -8,7 +8,7 @@ use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, ObjectMeta, PostParams};
-use podium_core::notify::AUDIENCE;
+use podium_core::notify::{AUDIENCE_PREFIX, audience};
 use podium_testkit::testbed::Testbed;
 use serde_json::{Value, json};
 
@@ -102,9 +102,12 @@ fn message(role: &str, epoch: u64, nonce: Option<&str>) -> String {
     message_with_term(role, epoch, nonce, 60_000)
 }
 
+/// The exec under test is pod `p0` (UID [`UID`]) of group `ns/g`.
+const UID: &str = "3f1c0b1e-0000-4000-8000-00000000a0a0";
+
 fn message_with_term(role: &str, epoch: u64, nonce: Option<&str>, term_millis: u64) -> String {
     json!({
-        "group": "ns/g", "pod": "p0", "role": role, "leader": "p0",
+        "group": "ns/g", "pod": "p0", "podUid": UID, "role": role, "leader": "p0",
         "epoch": epoch, "termMillis": term_millis, "nonce": nonce,
     })
     .to_string()
@@ -175,9 +178,19 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
 
     let other_ns = testbed.create_namespace("notify-auth").await.unwrap();
     service_account(&admin, &other_ns, "other").await;
-    let good = token(&admin, "podium-system", "podium", AUDIENCE).await;
+    let own = audience("ns", "g", UID);
+    let good = token(&admin, "podium-system", "podium", &own).await;
     let wrong_audience = token(&admin, "podium-system", "podium", "https://example.invalid").await;
-    let other = token(&admin, &other_ns, "other", AUDIENCE).await;
+    let other = token(&admin, &other_ns, "other", &own).await;
+    // The operator's genuine tokens, minted for other destinations: each is worthless here.
+    let operator_token = |audience: String| {
+        let admin = admin.clone();
+        async move { token(&admin, "podium-system", "podium", &audience).await }
+    };
+    let another_member = operator_token(audience("ns", "g", "uid-of-p1")).await;
+    let another_group = operator_token(audience("ns", "h", UID)).await;
+    let another_namespace = operator_token(audience("tenant", "g", UID)).await;
+    let unbound = operator_token(AUDIENCE_PREFIX.to_string()).await;
     let tampered = {
         let (rest, signature) = good.rsplit_once('.').unwrap();
         let mut signature = signature.to_string();
@@ -201,6 +214,8 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
         .env("KUBECONFIG", testbed.kubeconfig_path())
         .env("LOG", &log)
         .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_UID")
         .env_remove("PODIUM_GROUP_NAME")
         .args([
             "exec",
@@ -208,6 +223,12 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
             &format!("127.0.0.1:{port}"),
             "--pod",
             "p0",
+            "--namespace",
+            "ns",
+            "--pod-uid",
+            UID,
+            "--group",
+            "g",
             "--grace",
             "5s",
             "--",
@@ -242,10 +263,70 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
         ("wrong audience", Some(wrong_audience)),
         ("another ServiceAccount", Some(other)),
         ("tampered signature", Some(tampered)),
+        (
+            "the operator's token for another member",
+            Some(another_member),
+        ),
+        (
+            "the operator's token for another group",
+            Some(another_group),
+        ),
+        (
+            "the operator's token for another namespace",
+            Some(another_namespace),
+        ),
+        (
+            "the operator's token with the unbound audience",
+            Some(unbound),
+        ),
     ] {
         let (status, body) = send(token, follower.clone()).await.unwrap();
         println!("{what}: {status} {body}");
         assert_eq!(status, 401, "{what}: {body}");
+        assert!(!body.contains("nonce"), "{what}: {body}");
+    }
+    // The right token, a body for someone else or out of bounds: refused before anything in it
+    // is believed, and no nonce handed out.
+    let with = |edit: fn(&mut Value)| {
+        let mut body: Value = serde_json::from_str(&message("follower", 1 << 53, None)).unwrap();
+        body["epoch"] = json!(1);
+        edit(&mut body);
+        body.to_string()
+    };
+    for (what, body, expected) in [
+        ("another pod", with(|m| m["pod"] = json!("p1")), 403),
+        (
+            "another pod UID",
+            with(|m| m["podUid"] = json!("uid-of-p1")),
+            403,
+        ),
+        ("another group", with(|m| m["group"] = json!("ns/h")), 403),
+        (
+            "another namespace",
+            with(|m| m["group"] = json!("tenant/g")),
+            403,
+        ),
+        (
+            "no pod UID",
+            with(|m| drop(m.as_object_mut().unwrap().remove("podUid"))),
+            400,
+        ),
+        ("epoch 2^53", with(|m| m["epoch"] = json!(1u64 << 53)), 400),
+        (
+            "epoch above int32",
+            with(|m| m["epoch"] = json!(i32::MAX as u64 + 1)),
+            400,
+        ),
+        (
+            "a term over an hour",
+            with(|m| m["termMillis"] = json!(3_600_001)),
+            400,
+        ),
+    ] {
+        let (status, answer) = send(Some(good.clone()), body).await.unwrap();
+        println!("{what}: {status} {answer}");
+        assert_eq!(status, expected, "{what}: {answer}");
+        assert!(!answer.contains("nonce"), "{what}: {answer}");
     }
     let (status, body) = send(Some(good.clone()), "{not json".into()).await.unwrap();
     assert_eq!(status, 400, "{body}");

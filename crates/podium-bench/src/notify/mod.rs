@@ -381,6 +381,7 @@ impl HandoverFloor {
         RoleMessage {
             group: self.group.clone(),
             pod: self.names[pod].clone(),
+            pod_uid: self.uid(pod),
             role,
             leader: Some(
                 self.names[if role == NotifyRole::Follower {
@@ -396,8 +397,21 @@ impl HandoverFloor {
         }
     }
 
+    fn uid(&self, pod: usize) -> String {
+        self.pods
+            .pods
+            .get(&self.names[pod])
+            .map(|p| p.uid.clone())
+            .unwrap_or_default()
+    }
+
     async fn send(&self, pod: usize, message: &RoleMessage) -> Result<podium_core::notify::Ack> {
-        let token = self.tokens.token().await?;
+        let (namespace, group) = self
+            .group
+            .split_once('/')
+            .context("the floor's group is NAMESPACE/NAME")?;
+        let audience = podium_core::notify::audience(namespace, group, &self.uid(pod));
+        let token = self.tokens.token(&audience).await?;
         let ack = self
             .sender
             .send(&self.pods.url(&self.names[pod])?, &token, message)

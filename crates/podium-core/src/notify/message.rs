@@ -36,6 +36,8 @@ pub struct RoleMessage {
     pub group: String,
     /// The pod this message is for; a pod refuses a message for another pod.
     pub pod: String,
+    /// That pod's UID: a pod refuses a message meant for an earlier pod of the same name.
+    pub pod_uid: String,
     pub role: NotifyRole,
     /// The pod that carries the leader label, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

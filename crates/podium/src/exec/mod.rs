@@ -20,6 +20,8 @@ use std::time::Duration;
 use clap::Args;
 use thiserror::Error;
 
+use podium_core::notify::{Identity, Receiver};
+
 use crate::telemetry::LogFormat;
 
 /// The operator's ServiceAccount in the Helm chart's default install.
@@ -43,13 +45,30 @@ pub struct ExecArgs {
     #[arg(long, env = "PODIUM_NOTIFY_PATH", default_value = "/podium/notify", value_parser = parse_path)]
     pub path: String,
 
-    /// This pod's name; messages for any other pod are refused.
+    /// This pod's name (Downward API `metadata.name`); messages for any other pod are refused.
     #[arg(long, env = "POD_NAME", required_unless_present = "labels_file")]
     pub pod: Option<String>,
 
-    /// Only take messages for this ElectionGroup, as NAMESPACE/NAME [default: any group].
-    #[arg(long, env = "PODIUM_GROUP_NAME", value_parser = parse_group)]
+    /// This pod's namespace (Downward API `metadata.namespace`); messages for a group in any
+    /// other namespace are refused.
+    #[arg(long, env = "POD_NAMESPACE", required_unless_present = "labels_file")]
+    pub namespace: Option<String>,
+
+    /// This pod's UID (Downward API `metadata.uid`): only tokens minted for this very pod are
+    /// taken, so a token captured at any other pod is worthless here.
+    #[arg(long, env = "POD_UID", required_unless_present = "labels_file")]
+    pub pod_uid: Option<String>,
+
+    /// The ElectionGroup this pod runs CMD for, as NAME or NAMESPACE/NAME (the namespace must be
+    /// this pod's); messages for any other group are refused.
+    #[arg(long, env = "PODIUM_GROUP_NAME", value_parser = parse_group, required_unless_present = "labels_file")]
     pub group: Option<String>,
+
+    /// The longest term this pod grants CMD without a renewal, whatever a message asks; at most
+    /// 1h (the longest ElectionGroup TTL). A shorter one stops CMD sooner when the operator
+    /// falls silent.
+    #[arg(long, env = "PODIUM_MAX_TERM", default_value = "1h", value_parser = parse_max_term)]
+    pub max_term: Duration,
 
     /// The token subject the operator's messages must carry (its ServiceAccount).
     #[arg(long, env = "PODIUM_OPERATOR", default_value = DEFAULT_OPERATOR)]
@@ -105,6 +124,38 @@ pub enum ExecError {
     },
     #[error("cannot watch for SIGTERM: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(
+        "--group {group:?} is in namespace {group_namespace:?}, but this pod is in {namespace:?}: a pod can only run for a group of its own namespace"
+    )]
+    ForeignGroup {
+        group: String,
+        group_namespace: String,
+        namespace: String,
+    },
+}
+
+/// Who this pod is, from the flags clap has already required in push mode.
+fn identity(args: &ExecArgs) -> Result<Identity, ExecError> {
+    let required = "clap requires --pod, --namespace, --pod-uid and --group without --labels-file";
+    let namespace = args.namespace.clone().expect(required);
+    let group = args.group.clone().expect(required);
+    let group = match group.split_once('/') {
+        Some((group_namespace, name)) if group_namespace != namespace => {
+            return Err(ExecError::ForeignGroup {
+                group: format!("{group_namespace}/{name}"),
+                group_namespace: group_namespace.into(),
+                namespace,
+            });
+        }
+        Some((_, name)) => name.to_string(),
+        None => group,
+    };
+    Ok(Identity {
+        namespace,
+        group,
+        pod: args.pod.clone().expect(required),
+        pod_uid: args.pod_uid.clone().expect(required),
+    })
 }
 
 /// How long `podium exec` keeps answering after its command stopped on SIGTERM, waiting for the
@@ -124,13 +175,14 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
         })
         .await;
     }
-    let pod = args
-        .pod
-        .clone()
-        .expect("clap requires --pod without --labels-file");
+    let identity = identity(&args)?;
     let config = kube::Config::infer().await.map_err(ExecError::KubeConfig)?;
     let client = kube::Client::try_from(config).map_err(ExecError::KubeClient)?;
-    let keys = Arc::new(verify::Keys::new(client, args.operator.clone()));
+    let keys = Arc::new(verify::Keys::new(
+        client,
+        args.operator.clone(),
+        identity.audience(),
+    ));
     match keys.refresh().await {
         Ok(count) => tracing::info!(keys = count, "read the cluster's token keys"),
         // Not fatal: until the keys can be read, every message is refused, which is safe.
@@ -140,11 +192,11 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     }
     keys.clone().spawn_refresh(args.jwks_refresh);
 
+    let max_term_millis = u64::try_from(args.max_term.as_millis()).unwrap_or(u64::MAX);
     let exec = server::Exec::new(
         args.command.clone(),
         args.grace,
-        pod.clone(),
-        args.group.clone(),
+        Receiver::new(identity.clone(), max_term_millis),
         keys,
     );
     tokio::spawn(exec.clone().term_timer());
@@ -158,8 +210,9 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     tracing::info!(
         %addr,
         path = %args.path,
-        pod = %pod,
-        group = args.group.as_deref().unwrap_or("(any)"),
+        pod = %identity.pod,
+        pod_uid = %identity.pod_uid,
+        group = %identity.group_key(),
         operator = %args.operator,
         command = ?args.command,
         "podium exec: waiting for the operator's role messages; the command runs only while this pod leads"
@@ -198,12 +251,24 @@ fn parse_path(s: &str) -> Result<String, String> {
 }
 
 fn parse_group(s: &str) -> Result<String, String> {
-    match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok(s.to_string())
-        }
-        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    let name = match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() => name,
+        Some(_) => "",
+        None => s,
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(format!("{s:?} is not NAME or NAMESPACE/NAME"));
     }
+    Ok(s.to_string())
+}
+
+fn parse_max_term(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let max = Duration::from_millis(podium_core::notify::MAX_TERM_MILLIS);
+    if d.is_zero() || d > max {
+        return Err(format!("{s:?}: the term must be above 0 and at most 1h"));
+    }
+    Ok(d)
 }
 
 /// `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
@@ -249,70 +314,112 @@ mod tests {
         }
     }
 
+    /// The identity flags the Downward API gives a pod, for the tests that are about others.
+    const WHO: [&str; 8] = [
+        "--pod",
+        "p0",
+        "--namespace",
+        "ns",
+        "--pod-uid",
+        "u0",
+        "--group",
+        "g",
+    ];
+
+    /// `args` after the identity flags, less those `args` sets itself.
+    fn with_identity(args: &[&'static str]) -> Vec<&'static str> {
+        let mut all: Vec<&str> = WHO
+            .chunks(2)
+            .filter(|pair| !args.contains(&pair[0]))
+            .flatten()
+            .copied()
+            .collect();
+        all.extend_from_slice(args);
+        all
+    }
+
     #[test]
     fn flags_parse() {
-        let args = parse(&[
+        let args = parse(&with_identity(&[
             "--listen",
             "127.0.0.1:9000",
-            "--pod",
-            "p0",
-            "--group",
-            "ns/g",
             "--grace",
             "500ms",
+            "--max-term",
+            "30s",
             "--",
             "sleep",
             "10",
-        ])
+        ]))
         .unwrap();
         assert_eq!(args.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(args.pod.as_deref(), Some("p0"));
-        assert_eq!(args.group.as_deref(), Some("ns/g"));
+        assert_eq!(args.group.as_deref(), Some("g"));
         assert_eq!(args.grace, Duration::from_millis(500));
+        assert_eq!(args.max_term, Duration::from_secs(30));
         assert_eq!(args.path, "/podium/notify");
         assert_eq!(args.operator, DEFAULT_OPERATOR);
         assert_eq!(args.jwks_refresh, Duration::from_secs(300));
         assert_eq!(args.command, ["sleep", "10"]);
+        let identity = identity(&args).unwrap();
+        assert_eq!(identity.group_key(), "ns/g");
+        assert_eq!(identity.audience(), "podium.dev/notify/ns/g/u0");
+    }
+
+    #[test]
+    fn the_group_is_named_in_the_pods_own_namespace() {
+        let mut args = parse(&with_identity(&["--", "x"])).unwrap();
+        args.group = Some("ns/g".into());
+        assert_eq!(identity(&args).unwrap().group, "g");
+        args.group = Some("other/g".into());
+        let err = identity(&args).unwrap_err().to_string();
+        assert!(err.contains("namespace \"other\""), "{err}");
     }
 
     #[test]
     fn bad_flags_and_a_missing_command_are_refused_with_a_message() {
         for (args, expected) in [
-            (&["--pod", "p0"][..], "CMD"),
-            (&["--pod", "p0", "--"][..], "CMD"),
+            (&[][..], "CMD"),
+            (&["--"][..], "CMD"),
+            (&["--group", "ns/", "--", "x"][..], "NAMESPACE/NAME"),
+            (&["--group", "a/b/c", "--", "x"][..], "NAMESPACE/NAME"),
+            (&["--grace", "10y", "--", "x"][..], "unit"),
+            (&["--max-term", "2h", "--", "x"][..], "at most 1h"),
+            (&["--max-term", "0s", "--", "x"][..], "above 0"),
+            (&["--path", "notify", "--", "x"][..], "must start with '/'"),
+            (&["--jwks-refresh", "1s", "--", "x"][..], "10s"),
+            (&["--listen", "nowhere", "--", "x"][..], "--listen"),
             (
-                &["--pod", "p0", "--group", "g", "--", "x"][..],
-                "NAMESPACE/NAME",
-            ),
-            (&["--pod", "p0", "--grace", "10y", "--", "x"][..], "unit"),
-            (
-                &["--pod", "p0", "--path", "notify", "--", "x"][..],
-                "must start with '/'",
-            ),
-            (
-                &["--pod", "p0", "--jwks-refresh", "1s", "--", "x"][..],
-                "10s",
-            ),
-            (
-                &["--pod", "p0", "--listen", "nowhere", "--", "x"][..],
-                "--listen",
-            ),
-            (
-                &["--pod", "p0", "--annotations-file", "/a", "--", "x"][..],
+                &["--annotations-file", "/a", "--", "x"][..],
                 "--labels-file",
             ),
         ] {
-            let err = parse(args).unwrap_err().to_string();
+            let err = parse(&with_identity(args)).unwrap_err().to_string();
             assert!(err.contains(expected), "{args:?}: {err}");
         }
     }
 
     #[test]
-    fn the_pod_is_needed_except_in_downward_api_mode() {
-        // POD_NAME is not set under `cargo test`.
-        if std::env::var_os("POD_NAME").is_none() {
-            let err = parse(&["--", "x"]).unwrap_err().to_string();
-            assert!(err.contains("--pod"), "{err}");
+    fn the_pods_identity_is_needed_except_in_downward_api_mode() {
+        // None of these is set under `cargo test`.
+        for (flag, env) in [
+            ("--pod", "POD_NAME"),
+            ("--namespace", "POD_NAMESPACE"),
+            ("--pod-uid", "POD_UID"),
+            ("--group", "PODIUM_GROUP_NAME"),
+        ] {
+            if std::env::var_os(env).is_some() {
+                continue;
+            }
+            let without: Vec<&str> = WHO
+                .chunks(2)
+                .filter(|pair| pair[0] != flag)
+                .flatten()
+                .copied()
+                .chain(["--", "x"])
+                .collect();
+            let err = parse(&without).unwrap_err().to_string();
+            assert!(err.contains(flag), "{flag}: {err}");
         }
         assert!(parse(&["--labels-file", "/etc/podinfo/labels", "--", "x"]).is_ok());
     }

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use podium_core::notify::{Command, NotifyRole, Receiver, RoleMessage};
+use podium_core::notify::{Command, NotifyRole, Receiver, RejectionKind, RoleMessage};
 use ring::rand::SecureRandom;
 use serde::Serialize;
 use serde_json::json;
@@ -69,8 +69,7 @@ impl Exec {
     pub fn new(
         argv: Vec<String>,
         grace: Duration,
-        pod: String,
-        group: Option<String>,
+        receiver: Receiver,
         keys: Arc<Keys>,
     ) -> Arc<Exec> {
         Arc::new(Exec {
@@ -80,7 +79,7 @@ impl Exec {
             keys,
             rng: ring::rand::SystemRandom::new(),
             inner: Mutex::new(Inner {
-                receiver: Receiver::new(pod, group),
+                receiver,
                 child: None,
                 closed: false,
             }),
@@ -116,7 +115,17 @@ impl Exec {
     async fn take(self: Arc<Self>, message: RoleMessage) -> (StatusCode, serde_json::Value) {
         let mut inner = self.inner.lock().await;
         let now = self.now();
-        let reply = inner.receiver.handle(&message, now, self.nonce());
+        let reply = match inner.receiver.handle(&message, now, self.nonce()) {
+            Ok(reply) => reply,
+            Err(rejection) => {
+                drop(inner);
+                let status = match rejection.kind {
+                    RejectionKind::Identity => StatusCode::FORBIDDEN,
+                    RejectionKind::Bounds => StatusCode::BAD_REQUEST,
+                };
+                return (status, json!({ "error": rejection.reason }));
+            }
+        };
         self.view().epoch = reply.ack.epoch;
         if reply.ack.accepted {
             let mut view = self.view();

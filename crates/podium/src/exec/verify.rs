@@ -1,5 +1,5 @@
 //! Who may tell this pod its role: the operator's ServiceAccount, in a token the cluster
-//! signed for [`AUDIENCE`]. [`Verifier`] checks one token against a JWKS and is pure;
+//! signed for this pod's own audience ([`podium_core::notify::audience`]). [`Verifier`] checks one token against a JWKS and is pure;
 //! [`Keys`] keeps the cluster's JWKS (from `/openid/v1/jwks`) fresh around it.
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
@@ -10,7 +10,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use podium_core::notify::AUDIENCE;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -41,8 +40,8 @@ pub enum TokenError {
     KeyMismatch { kid: String, alg: String },
     #[error("token signature does not verify")]
     BadSignature,
-    #[error("token audience does not include {AUDIENCE:?}")]
-    Audience,
+    #[error("token audience is not this pod's ({0:?})")]
+    Audience(String),
     #[error("token subject is not the operator's ServiceAccount")]
     Subject,
     #[error("token expired")]
@@ -69,19 +68,22 @@ struct RawHeader {
     kid: Option<String>,
 }
 
-/// Checks tokens against one JWKS: signature, audience [`AUDIENCE`], subject, `exp` and `nbf`.
+/// Checks tokens against one JWKS: signature, audience, subject, `exp` and `nbf`.
 #[derive(Clone, Debug)]
 pub struct Verifier {
     keys: JwkSet,
     subject: String,
+    audience: String,
 }
 
 impl Verifier {
-    /// Tokens must be signed by a key of `keys` and carry `sub == subject`.
-    pub fn new(keys: JwkSet, subject: impl Into<String>) -> Self {
+    /// Tokens must be signed by a key of `keys`, carry `sub == subject`, and name `audience`
+    /// (this pod's own) among their audiences.
+    pub fn new(keys: JwkSet, subject: impl Into<String>, audience: impl Into<String>) -> Self {
         Verifier {
             keys,
             subject: subject.into(),
+            audience: audience.into(),
         }
     }
 
@@ -133,7 +135,7 @@ impl Verifier {
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
                     refusal = TokenError::BadSignature;
                 }
-                Err(e) => return Err(refused(e.kind())),
+                Err(e) => return Err(self.refused(e.kind())),
             }
         }
         Err(refusal)
@@ -144,7 +146,7 @@ impl Verifier {
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_audience(&[AUDIENCE]);
+        validation.set_audience(&[self.audience.as_str()]);
         validation.sub = Some(self.subject.clone());
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
         validation
@@ -171,16 +173,18 @@ fn fits(jwk: &Jwk, alg: Algorithm) -> bool {
     }
 }
 
-fn refused(kind: &ErrorKind) -> TokenError {
-    match kind {
-        ErrorKind::InvalidSignature | ErrorKind::Crypto(_) => TokenError::BadSignature,
-        ErrorKind::ExpiredSignature => TokenError::Expired,
-        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-        ErrorKind::InvalidAudience => TokenError::Audience,
-        ErrorKind::InvalidSubject => TokenError::Subject,
-        ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
-        ErrorKind::InvalidAlgorithm => TokenError::Algorithm("for this key".into()),
-        other => TokenError::Malformed(format!("{other:?}")),
+impl Verifier {
+    fn refused(&self, kind: &ErrorKind) -> TokenError {
+        match kind {
+            ErrorKind::InvalidSignature | ErrorKind::Crypto(_) => TokenError::BadSignature,
+            ErrorKind::ExpiredSignature => TokenError::Expired,
+            ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+            ErrorKind::InvalidAudience => TokenError::Audience(self.audience.clone()),
+            ErrorKind::InvalidSubject => TokenError::Subject,
+            ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
+            ErrorKind::InvalidAlgorithm => TokenError::Algorithm("for this key".into()),
+            other => TokenError::Malformed(format!("{other:?}")),
+        }
     }
 }
 
@@ -215,6 +219,7 @@ pub enum JwksError {
 pub struct Keys {
     client: kube::Client,
     subject: String,
+    audience: String,
     verifier: RwLock<Arc<Verifier>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -224,16 +229,24 @@ impl Keys {
     /// the pod hammer the API server.
     pub const MIN_REFETCH: Duration = Duration::from_secs(5);
 
-    /// Keys for tokens whose subject must be `subject`; empty until [`Keys::refresh`].
-    pub fn new(client: kube::Client, subject: impl Into<String>) -> Self {
+    /// Keys for tokens whose subject must be `subject` and whose audiences must include
+    /// `audience`; empty until [`Keys::refresh`].
+    pub fn new(
+        client: kube::Client,
+        subject: impl Into<String>,
+        audience: impl Into<String>,
+    ) -> Self {
         let subject = subject.into();
+        let audience = audience.into();
         Keys {
             client,
             verifier: RwLock::new(Arc::new(Verifier::new(
                 JwkSet { keys: vec![] },
                 subject.clone(),
+                audience.clone(),
             ))),
             subject,
+            audience,
             last_fetch: tokio::sync::Mutex::new(None),
         }
     }
@@ -294,8 +307,11 @@ impl Keys {
         *self
             .verifier
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            Arc::new(Verifier::new(keys, self.subject.clone()));
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(Verifier::new(
+            keys,
+            self.subject.clone(),
+            self.audience.clone(),
+        ));
         tracing::debug!(keys = count, "refreshed the cluster's token keys");
         Ok(count)
     }
@@ -338,6 +354,7 @@ mod tests {
     use serde_json::{Value, json};
 
     const OPERATOR: &str = "system:serviceaccount:podium-system:podium";
+    const AUDIENCE: &str = "podium.dev/notify/ns/g/u0";
 
     struct Key {
         kid: String,
@@ -391,7 +408,7 @@ mod tests {
         let text = json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()});
         let (set, skipped) = parse_jwks(&text.to_string()).unwrap();
         assert_eq!(skipped, 0);
-        Verifier::new(set, OPERATOR)
+        Verifier::new(set, OPERATOR, AUDIENCE)
     }
 
     fn good_claims() -> Value {
@@ -419,8 +436,21 @@ mod tests {
                 OPERATOR,
                 now() + 600
             )),
-            Err(TokenError::Audience)
+            Err(TokenError::Audience(AUDIENCE.into()))
         );
+        // The token of another pod, another group or another namespace.
+        for other in [
+            "podium.dev/notify/ns/g/u1",
+            "podium.dev/notify/ns/h/u0",
+            "podium.dev/notify/other/g/u0",
+            "podium.dev/notify",
+        ] {
+            assert_eq!(
+                check(claims(other, OPERATOR, now() + 600)),
+                Err(TokenError::Audience(AUDIENCE.into())),
+                "{other}"
+            );
+        }
         assert_eq!(
             check(claims(
                 AUDIENCE,

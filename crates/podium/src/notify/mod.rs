@@ -413,6 +413,7 @@ impl Task {
             let message = RoleMessage {
                 group: format!("{}/{}", key.0, key.1),
                 pod: name.clone(),
+                pod_uid: pod.uid.clone(),
                 role,
                 leader: group.leader.as_ref().map(|h| h.name.clone()),
                 epoch: group.epoch,
@@ -425,6 +426,7 @@ impl Task {
                 group.address.port,
                 group.address.path
             );
+            let audience = podium_core::notify::audience(&key.0, &key.1, &pod.uid);
             let sender = self.sender.clone();
             let tokens = self.tokens.clone();
             let answers = answers.clone();
@@ -432,7 +434,7 @@ impl Task {
             tokio::spawn(async move {
                 let started = Instant::now();
                 let result = match tokens {
-                    Some(tokens) => match tokens.token().await {
+                    Some(tokens) => match tokens.token(&audience).await {
                         Ok(token) => sender.send(&url, &token, &message).await,
                         Err(e) => Err(SendError::Unreachable(format!("cannot get a token to sign with: {e}"))),
                     },

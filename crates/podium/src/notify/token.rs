@@ -1,7 +1,10 @@
-//! The token that signs notifications: a short-lived ServiceAccount token for the operator's
-//! own identity, requested with podium's audience through the TokenRequest API. A pod verifies
-//! it against the cluster's published keys, so it needs no secret and no RBAC of its own beyond
-//! reading those keys (docs/design.md, "Threat model").
+//! The tokens that authorise notifications: short-lived ServiceAccount tokens for the
+//! operator's own identity, requested through the TokenRequest API, one audience per pod
+//! ([`podium_core::notify::audience`]: namespace, group and pod UID). A pod verifies a token
+//! against the cluster's published keys and takes only one minted for itself, so a token
+//! captured at one pod is worthless at any other (docs/design.md, "Threat model").
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -9,8 +12,6 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::sync::Mutex;
-
-use podium_core::notify::AUDIENCE;
 
 /// The shortest lifetime the API server grants; shorter requests are raised to it.
 const LIFETIME: Duration = Duration::from_secs(600);
@@ -26,10 +27,13 @@ pub enum TokenError {
     Empty,
 }
 
+type Slot = Arc<Mutex<Option<(String, Instant)>>>;
+
 pub struct TokenSource {
     api: Api<ServiceAccount>,
     name: String,
-    cached: Mutex<Option<(String, Instant)>>,
+    /// One slot per audience; each slot's lock makes its TokenRequest single-flight.
+    cached: StdMutex<HashMap<String, Slot>>,
 }
 
 impl TokenSource {
@@ -38,13 +42,32 @@ impl TokenSource {
         TokenSource {
             api: Api::namespaced(client, namespace),
             name: name.into(),
-            cached: Mutex::new(None),
+            cached: StdMutex::new(HashMap::new()),
         }
     }
 
-    /// A token valid for at least two more minutes.
-    pub async fn token(&self) -> Result<String, TokenError> {
-        let mut cached = self.cached.lock().await;
+    fn slot(&self, audience: &str) -> Slot {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = cached.get(audience) {
+            return slot.clone();
+        }
+        // Pods come and go: drop the slots whose tokens have expired, or that never got one and
+        // nobody waits on, so that the map holds about one slot per live pod.
+        let now = Instant::now();
+        cached.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot
+                    .try_lock()
+                    .map(|held| held.as_ref().is_some_and(|(_, expires)| *expires > now))
+                    .unwrap_or(true)
+        });
+        cached.entry(audience.to_string()).or_default().clone()
+    }
+
+    /// A token for `audience` valid for at least two more minutes.
+    pub async fn token(&self, audience: &str) -> Result<String, TokenError> {
+        let slot = self.slot(audience);
+        let mut cached = slot.lock().await;
         if let Some((token, expires)) = cached.as_ref()
             && expires.saturating_duration_since(Instant::now()) > RENEW_WITH_LEFT
         {
@@ -53,7 +76,7 @@ impl TokenSource {
         let asked = Instant::now();
         let request = TokenRequest {
             spec: Some(TokenRequestSpec {
-                audiences: Some(vec![AUDIENCE.into()]),
+                audiences: Some(vec![audience.into()]),
                 expiration_seconds: Some(LIFETIME.as_secs() as i64),
                 ..Default::default()
             }),
