@@ -110,6 +110,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub scale_rounds: Option<usize>,
 
+    /// Groups (one pod each) for the role notifications' token cost: TokenRequests while every
+    /// pod is first told its role, and over a steady window [default: 1000; 10 with --quick].
+    #[arg(long)]
+    pub notify_groups: Option<usize>,
+
     /// Length of the steady-state window of each scale run, in seconds, rounded up to whole
     /// renewal periods (TTL/2) so that every group renews equally often inside it
     /// [default: 30; 4 with --quick].
@@ -172,6 +177,7 @@ pub struct Settings {
     pub scale_ttl_seconds: i32,
     /// The notification group's TTL: a fresh operator activates nobody for one term.
     pub notify_ttl_seconds: i32,
+    pub notify_groups: usize,
     pub window: Duration,
     pub skip: Vec<Section>,
 }
@@ -213,6 +219,7 @@ impl Settings {
             scale_rounds: args.scale_rounds.unwrap_or(if quick { 2 } else { 20 }),
             scale_ttl_seconds,
             notify_ttl_seconds: if quick { 4 } else { failover::LEASE_SECONDS },
+            notify_groups: args.notify_groups.unwrap_or(if quick { 10 } else { 1000 }),
             window,
             skip: args.skip.clone(),
         }
@@ -348,6 +355,8 @@ pub async fn run_with(args: &BenchArgs) -> Result<BenchOutcome> {
             exec_bin: &exec_bin,
             rounds: settings.rounds,
             ttl_seconds: settings.notify_ttl_seconds,
+            token_groups: settings.notify_groups,
+            window: settings.window,
         };
         let result = notify::run(&testbed, &client, &source, &params).await;
         report.notify = Some(result.map_err(|e| format!("{e:#}")));

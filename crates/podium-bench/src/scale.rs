@@ -32,7 +32,7 @@ use podium_testkit::wait::poll;
 const PODS_PER_GROUP: usize = 3;
 /// Concurrent API calls while creating pods and groups.
 const CONCURRENCY: usize = 32;
-const NODE: &str = "bench-scale-node";
+pub(crate) const NODE: &str = "bench-scale-node";
 const WAIT: Duration = Duration::from_secs(60);
 /// How long one failover under load may take before the bench gives up on it.
 const FAILOVER_WAIT: Duration = Duration::from_secs(120);
@@ -148,12 +148,15 @@ pub async fn run(
         })
         .collect();
     let mut created = 0usize;
-    let mut stream = futures::stream::iter(names)
-        .map(|(app, name)| {
-            let (client, ns, host_ip) = (client.clone(), ns.clone(), host_ip.clone());
-            async move { create_ready_pod(&client, &ns, &app, &name, &host_ip).await }
-        })
-        .buffer_unordered(CONCURRENCY);
+    let mut stream =
+        futures::stream::iter(names)
+            .map(|(app, name)| {
+                let (client, ns, host_ip) = (client.clone(), ns.clone(), host_ip.clone());
+                async move {
+                    create_ready_pod(&client, &ns, &app, &name, &host_ip, &next_pod_ip()).await
+                }
+            })
+            .buffer_unordered(CONCURRENCY);
     while let Some(r) = stream.next().await {
         r?;
         created += 1;
@@ -665,7 +668,15 @@ async fn failover_under_load(
         }
         // The kubelet's part: finish the deletion; the controller's: a replacement pod.
         finalize_deletion(client, ns, &old).await?;
-        create_ready_pod(client, ns, &app, &format!("{app}-r{round}"), "10.0.255.1").await?;
+        create_ready_pod(
+            client,
+            ns,
+            &app,
+            &format!("{app}-r{round}"),
+            "10.0.255.1",
+            &next_pod_ip(),
+        )
+        .await?;
     }
     progress.done();
     Ok(())
@@ -676,13 +687,14 @@ pub fn group_name(i: usize) -> String {
 }
 
 /// Creates pod `name` (label `app=<app>`) bound to the bench node and reports it Running and
-/// Ready, as the scheduler and kubelet would: two requests.
-async fn create_ready_pod(
+/// Ready on `ip`, as the scheduler and kubelet would: two requests.
+pub(crate) async fn create_ready_pod(
     client: &Client,
     ns: &str,
     app: &str,
     name: &str,
     host_ip: &str,
+    ip: &str,
 ) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pod: Pod = serde_json::from_value(json!({
@@ -699,7 +711,6 @@ async fn create_ready_pod(
     let now = jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
-    let ip = next_pod_ip();
     let condition = |type_: &str| json!({ "type": type_, "status": "True", "lastProbeTime": null, "lastTransitionTime": now });
     let status = json!({
         "status": {

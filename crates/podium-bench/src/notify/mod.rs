@@ -35,6 +35,7 @@ use podium_testkit::testbed::kubelet::{set_pod_not_ready, set_pod_running_ready}
 use podium_testkit::wait::poll;
 
 pub mod report;
+pub mod tokens;
 
 const APP: &str = "web";
 const REPLICAS: usize = 4;
@@ -50,6 +51,9 @@ pub struct NotifyParams<'a> {
     pub exec_bin: &'a Path,
     pub rounds: usize,
     pub ttl_seconds: i32,
+    /// Groups for the token cost ([`tokens`]); 0 skips it.
+    pub token_groups: usize,
+    pub window: Duration,
 }
 
 /// One trigger's samples, each from the trigger unless named otherwise.
@@ -90,6 +94,8 @@ pub struct NotifyResults {
     pub floor_overlaps: Vec<String>,
     /// `podium_notifications_total` by result, from the operator.
     pub sent: BTreeMap<String, u64>,
+    /// What per-pod tokens cost at scale.
+    pub tokens: Option<Result<tokens::TokenCost, String>>,
 }
 
 /// Runs the section on a fresh pair of namespaces.
@@ -146,6 +152,18 @@ pub async fn run(
     (results.leader_runs, results.overlaps) = (count, found);
     let (count, found) = overlapping(&floor.pods)?;
     (results.floor_runs, results.floor_overlaps) = (count, found);
+    if params.token_groups > 0 {
+        let cost = tokens::run(
+            testbed,
+            client,
+            source,
+            params.token_groups,
+            params.ttl_seconds,
+            params.window,
+        )
+        .await;
+        results.tokens = Some(cost.map_err(|e| format!("{e:#}")));
+    }
     Ok(results)
 }
 

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use super::tokens::TokenCost;
 use super::{NotifyResults, TriggerResults};
 use crate::failover::FailoverResults;
 use crate::floor::report::{ratio_of, times, trigger};
@@ -166,6 +167,70 @@ pub fn section(
             let _ = writeln!(md, "- {}: {}", cause.describe(), one_line(failure));
         }
     }
+    let _ = writeln!(md);
+    match &r.tokens {
+        Some(Ok(cost)) => token_cost(md, cost),
+        Some(Err(e)) => {
+            let _ = writeln!(md, "Token cost at scale failed: {}\n", one_line(e));
+        }
+        None => {}
+    }
+}
+
+/// The token cost's table: one token per pod, so one TokenRequest per pod per token lifetime.
+fn token_cost(md: &mut String, cost: &TokenCost) {
+    let _ = writeln!(
+        md,
+        "### Token cost: {} groups with `spec.notify`, one pod each (TTL {} s)\n",
+        cost.groups, cost.ttl_seconds
+    );
+    let _ = writeln!(
+        md,
+        "Each pod gets a token of its own (audience `podium.dev/notify/<ns>/<group>/<pod UID>`, \
+         10 minutes, replaced with 2 minutes left), so the operator makes one TokenRequest per \
+         pod when it first tells it its role and one per pod every 8 minutes after. The pods are \
+         a responder on one loopback address that plays `podium exec`'s side without verifying \
+         tokens: the operator's cost is measured, not the pods'.\n"
+    );
+    let _ = writeln!(md, "| row | value |");
+    let _ = writeln!(md, "|---|--:|");
+    let told = cost.all_told_leader.map_or("not reached".into(), |d| {
+        format!("{:.1} s", d.as_secs_f64())
+    });
+    let _ = writeln!(
+        md,
+        "| every pod told `leader` after its group's creation | {told} |"
+    );
+    let _ = writeln!(
+        md,
+        "| TokenRequests until then | {} ({:.2} per pod) |",
+        cost.startup_token_requests,
+        cost.startup_token_requests as f64 / cost.groups.max(1) as f64
+    );
+    let _ = writeln!(
+        md,
+        "| TokenRequests in the next {} s | {} |",
+        cost.window.as_secs(),
+        cost.window_token_requests
+    );
+    let _ = writeln!(
+        md,
+        "| notifications answered in that window | {} ({:.1}/s) |",
+        cost.window_messages,
+        cost.window_messages as f64 / cost.window.as_secs_f64().max(0.001)
+    );
+    if let Some(per) = cost.cpu_per_message() {
+        let _ = writeln!(
+            md,
+            "| operator CPU per notification in that window | {:.3} ms |",
+            per.as_secs_f64() * 1000.0
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| TokenRequests per minute in steady state (derived: the count until then over a token's 8 minutes) | {:.0} |",
+        cost.startup_token_requests as f64 / 8.0
+    );
     let _ = writeln!(md);
 }
 
