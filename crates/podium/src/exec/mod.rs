@@ -108,6 +108,10 @@ pub enum ExecError {
         "cannot build a Kubernetes client (for the cluster's token keys) from KUBECONFIG or the in-cluster config: {0}"
     )]
     KubeConfig(#[source] kube::config::InferConfigError),
+    #[error(
+        "cannot build a Kubernetes client (for the cluster's token keys) from the in-cluster config: {0}"
+    )]
+    InCluster(#[source] kube::config::InClusterError),
     #[error("cannot build a Kubernetes client: {0}")]
     KubeClient(#[source] kube::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -120,7 +124,7 @@ pub enum ExecError {
     Serve {
         addr: SocketAddr,
         #[source]
-        source: std::io::Error,
+        source: tokio::task::JoinError,
     },
     #[error("cannot watch for SIGTERM: {0}")]
     Signals(#[source] std::io::Error),
@@ -176,7 +180,7 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
         .await;
     }
     let identity = identity(&args)?;
-    let config = kube::Config::infer().await.map_err(ExecError::KubeConfig)?;
+    let config = kube_config().await?;
     let client = kube::Client::try_from(config).map_err(ExecError::KubeClient)?;
     let keys = Arc::new(verify::Keys::new(
         client,
@@ -220,13 +224,12 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     let router = exec.router(&args.path);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ExecError::Signals)?;
-    let mut serve = tokio::spawn(axum::serve(listener, router).into_future());
+    let mut serve = tokio::spawn(server::serve(listener, router, server::MAX_CONNECTIONS));
     tokio::select! {
         served = &mut serve => {
             return match served {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(source)) => Err(ExecError::Serve { addr, source }),
-                Err(e) => Err(ExecError::Serve { addr, source: std::io::Error::other(e) }),
+                Ok(never) => match never {},
+                Err(source) => Err(ExecError::Serve { addr, source }),
             };
         }
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping the command"),
@@ -240,6 +243,19 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     tracing::info!("podium exec: done");
     Ok(())
 }
+
+/// The pod's own ServiceAccount when it runs in a cluster, else KUBECONFIG: inside a pod,
+/// a KUBECONFIG that happens to be in the image must not decide whose keys are believed.
+async fn kube_config() -> Result<kube::Config, ExecError> {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        && std::path::Path::new(SERVICE_ACCOUNT_TOKEN).exists()
+    {
+        return kube::Config::incluster().map_err(ExecError::InCluster);
+    }
+    kube::Config::infer().await.map_err(ExecError::KubeConfig)
+}
+
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 fn parse_path(s: &str) -> Result<String, String> {
     if !s.starts_with('/') || s.contains(char::is_whitespace) || s == "/readyz" || s == "/role" {

@@ -207,9 +207,7 @@ impl Verifier {
             ErrorKind::ImmatureSignature => TokenError::NotYetValid,
             ErrorKind::InvalidAudience => TokenError::Audience(self.audience.clone()),
             ErrorKind::InvalidSubject => TokenError::Subject,
-            ErrorKind::InvalidIssuer => {
-                TokenError::Issuer(self.issuer.clone().unwrap_or_default())
-            }
+            ErrorKind::InvalidIssuer => TokenError::Issuer(self.issuer.clone().unwrap_or_default()),
             ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
             ErrorKind::InvalidAlgorithm => TokenError::Algorithm("for this key".into()),
             other => TokenError::Malformed(format!("{other:?}")),
@@ -260,8 +258,8 @@ pub fn parse_issuer(text: &str) -> Result<String, JwksError> {
     struct Discovery {
         issuer: Option<String>,
     }
-    let discovery: Discovery = serde_json::from_str(text)
-        .map_err(|e| JwksError::Discovery(format!("not JSON: {e}")))?;
+    let discovery: Discovery =
+        serde_json::from_str(text).map_err(|e| JwksError::Discovery(format!("not JSON: {e}")))?;
     match discovery.issuer {
         Some(issuer) if !issuer.is_empty() && issuer.len() <= MAX_ISSUER_LEN => Ok(issuer),
         Some(_) => Err(JwksError::Discovery(
