@@ -169,11 +169,18 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Runs `podium exec` until SIGTERM or SIGINT; then stops CMD, answers the operator's next
 /// message (for at most [`LINGER`]) and returns.
 pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
+    let argv = match std::env::current_exe() {
+        Ok(podium) => child::shimmed(&podium, &args.command),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot find this binary: the command will outlive podium exec if it is killed");
+            args.command.clone()
+        }
+    };
     if let Some(labels_file) = &args.labels_file {
         return labels::run(labels::Options {
             labels_file: labels_file.clone(),
             annotations_file: args.annotations_file.clone(),
-            argv: args.command.clone(),
+            argv,
             grace: args.grace,
             poll: labels::POLL,
         })
@@ -198,7 +205,7 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
 
     let max_term_millis = u64::try_from(args.max_term.as_millis()).unwrap_or(u64::MAX);
     let exec = server::Exec::new(
-        args.command.clone(),
+        argv,
         args.grace,
         Receiver::new(identity.clone(), max_term_millis),
         keys,
