@@ -261,9 +261,9 @@ fn slowloris(port: u16, count: usize, hold: Duration) -> Vec<Option<Duration>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_oversized_bodies_leave_the_operator_served() {
     let testbed = Testbed::shared();
-    let good = operator_token(&testbed).await;
+    let good = operator_token(testbed).await;
     let dir = tempfile::tempdir().unwrap();
-    let exec = Exec::start(&testbed, dir.path(), "exec sleep 1000").await;
+    let exec = Exec::start(testbed, dir.path(), "exec sleep 1000").await;
     let port = exec.port;
 
     // Half again as many slow connections as the cap; each sends a byte a second.
@@ -409,12 +409,12 @@ async fn slowloris_and_oversized_bodies_leave_the_operator_served() {
 async fn bad_tokens_are_refused_quietly_and_role_hides_the_details() {
     let testbed = Testbed::shared();
     let admin = testbed.client();
-    let good = operator_token(&testbed).await;
+    let good = operator_token(testbed).await;
     let other_ns = testbed.create_namespace("exec-hostile").await.unwrap();
     service_account(&admin, &other_ns, "other").await;
     let stranger = token(&admin, &other_ns, "other", &audience("ns", "g", UID)).await;
     let dir = tempfile::tempdir().unwrap();
-    let exec = Exec::start(&testbed, dir.path(), "exec sleep 1000").await;
+    let exec = Exec::start(testbed, dir.path(), "exec sleep 1000").await;
     let port = exec.port;
 
     // Leading at epoch 2: /role has something to hide.
@@ -529,11 +529,11 @@ fn running(pid: i32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_exec_takes_its_command_with_it() {
     let testbed = Testbed::shared();
-    let good = operator_token(&testbed).await;
+    let good = operator_token(testbed).await;
     let dir = tempfile::tempdir().unwrap();
     // The command ignores SIGTERM: only SIGKILL ends it.
     let mut exec = Exec::start(
-        &testbed,
+        testbed,
         dir.path(),
         "trap '' TERM; echo $$ > \"$DIR/pid\"; while :; do sleep 1; done",
     )

@@ -236,7 +236,7 @@ pub fn parse_jwks(text: &str) -> Result<(JwkSet, usize), serde_json::Error> {
 #[derive(Error, Debug)]
 pub enum JwksError {
     #[error("reading {0} from the API server: {1}")]
-    Request(&'static str, #[source] kube::Error),
+    Request(&'static str, #[source] Box<kube::Error>),
     #[error("reading {0} from the API server: no answer within {1:?}")]
     Timeout(&'static str, Duration),
     #[error("{JWKS_PATH} is not a JWKS: {0}")]
@@ -401,7 +401,7 @@ impl Keys {
         tokio::time::timeout(Self::FETCH_TIMEOUT, self.client.request_text(request))
             .await
             .map_err(|_| JwksError::Timeout(path, Self::FETCH_TIMEOUT))?
-            .map_err(|e| JwksError::Request(path, e))
+            .map_err(|e| JwksError::Request(path, Box::new(e)))
     }
 
     /// Refreshes every `every` (and retries after [`Keys::RETRY`] while that fails).
