@@ -34,7 +34,8 @@ pub const DEFAULT_OPERATOR: &str = "system:serviceaccount:podium-system:podium";
                   is demoted, when its term runs out without a renewal from the operator, and when \
                   podium exec itself gets SIGTERM or SIGINT.\n\n\
                   GET /readyz answers 503 once CMD exited on its own while the pod leads, so a \
-                  readiness probe on it hands leadership to another pod. GET /role shows the state."
+                  readiness probe on it hands leadership to another pod. GET /role shows the role, and \
+                  the whole state (epoch, term, pid, exits) to a request with the operator's token."
 )]
 pub struct ExecArgs {
     /// Address to listen on for the operator's role messages, /readyz and /role.
@@ -78,8 +79,8 @@ pub struct ExecArgs {
     #[arg(long, env = "PODIUM_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
 
-    /// How often to refetch the cluster's token keys (/openid/v1/jwks); also refetched when a
-    /// token names an unknown key.
+    /// How often to refetch the cluster's token keys (/openid/v1/jwks) and issuer; also
+    /// refetched, at most once a minute, when a token names an unknown key.
     #[arg(long, env = "PODIUM_JWKS_REFRESH", default_value = "5m", value_parser = parse_refresh)]
     pub jwks_refresh: Duration,
 
