@@ -479,8 +479,9 @@ async fn role(State(exec): State<Arc<Exec>>, headers: HeaderMap) -> Response {
 /// spends microseconds in), so that a flood of idle connections cannot lock the operator
 /// out: waiting for a free slot would delay it by the header timeout for every queued
 /// attacker, and refusing the newest would refuse the operator for as long as the flood
-/// lasts. If every connection is past its head (each then ends within the body deadline or
-/// is the operator's), the newest is closed at once.
+/// lasts. If every connection is past its head (each then ends within seconds: a token
+/// check waits at most [`Keys::REFETCH_WAIT`], a body [`BODY_TIMEOUT`]; or it is the
+/// operator's, waiting for its command to stop), the newest is closed at once.
 pub async fn serve(listener: TcpListener, router: Router, max_connections: usize) -> Infallible {
     let slots = Arc::new(Slots::new(max_connections));
     let mut errors = Throttle::new(WARN_EVERY);

@@ -284,6 +284,8 @@ pub struct Keys {
     fetches: AtomicU64,
     /// [`Keys::MIN_REFETCH`], shorter in tests.
     min_refetch: Duration,
+    /// [`Keys::REFETCH_WAIT`], shorter in tests.
+    refetch_wait: Duration,
 }
 
 impl Keys {
@@ -297,6 +299,10 @@ impl Keys {
 
     /// How long one request to the API server may take.
     pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// How long a verification waits for a refetch (its own or another's): a request with a
+    /// forged key holds its connection no longer than this when the API server is slow.
+    pub const REFETCH_WAIT: Duration = Duration::from_secs(5);
 
     /// Keys for tokens whose subject must be `subject` and whose audiences must include
     /// `audience`; empty, and the issuer unknown, until [`Keys::refresh`].
@@ -319,6 +325,7 @@ impl Keys {
             fetch: tokio::sync::Mutex::new(None),
             fetches: AtomicU64::new(0),
             min_refetch: Self::MIN_REFETCH,
+            refetch_wait: Self::REFETCH_WAIT,
         }
     }
 
@@ -334,7 +341,12 @@ impl Keys {
         let seen = self.fetches.load(Ordering::Acquire);
         match self.current().verify(token) {
             Err(TokenError::UnknownKey(kid)) => {
-                if self.refetch(seen).await {
+                // Cut short, a fetch leaves its start recorded: the next is a minute away
+                // either way, and the periodic refresh goes on.
+                let refetched = tokio::time::timeout(self.refetch_wait, self.refetch(seen))
+                    .await
+                    .unwrap_or(false);
+                if refetched {
                     self.current().verify(token)
                 } else {
                     Err(TokenError::UnknownKey(kid))
@@ -806,6 +818,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(keys.verify(&forged).await.is_err());
         assert_eq!(api.fetches(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_slow_api_server_holds_a_verification_no_longer_than_the_refetch_wait() {
+        let k = key("k1");
+        let api = FakeApi::new(&[&k]);
+        let mut keys = api.keys(Duration::from_secs(3));
+        keys.refetch_wait = Duration::from_millis(300);
+        keys.min_refetch = Duration::ZERO;
+        let started = Instant::now();
+        assert_eq!(
+            keys.verify(&sign(&key("k9"), &good_claims())).await,
+            Err(TokenError::IssuerUnknown)
+        );
+        // With keys and an issuer, but the API server slow for the refetch.
+        let fast = api.keys(Duration::ZERO);
+        fast.refresh().await.unwrap();
+        keys.verifier = RwLock::new(fast.current());
+        let started_slow = Instant::now();
+        assert_eq!(
+            keys.verify(&sign(&key("k9"), &good_claims())).await,
+            Err(TokenError::UnknownKey("k9".into()))
+        );
+        let took = started_slow.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[tokio::test]
