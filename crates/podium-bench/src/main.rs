@@ -22,6 +22,13 @@ fn main() -> Result<()> {
         return tokio::runtime::Runtime::new()?
             .block_on(podium_bench::run_exec(std::env::args().skip(1)));
     }
+    // ... and `podium-bench exec-shim ...` is how that exec starts its command.
+    if std::env::args().nth(1).as_deref() == Some(podium::exec::child::SHIM)
+        && let Some(podium::cli::Command::ExecShim(shim)) =
+            <podium::cli::Cli as clap::Parser>::parse().command
+    {
+        std::process::exit(podium::exec::child::shim(&shim));
+    }
     let args = <Cli as clap::Parser>::parse().bench;
     let runtime = if args.operator_child {
         // The operator under test runs on the runtime `podium run` would choose here.

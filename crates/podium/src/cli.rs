@@ -37,6 +37,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Run CMD only while this pod leads: `podium exec [FLAGS] -- CMD [ARGS...]` (in your app's image).
     Exec(crate::exec::ExecArgs),
+    /// Internal: how `podium exec` starts CMD, so that CMD dies with it.
+    #[command(name = "exec-shim", hide = true)]
+    ExecShim(crate::exec::child::ShimArgs),
 }
 
 #[derive(Args, Debug, Clone)]

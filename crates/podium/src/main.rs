@@ -9,6 +9,8 @@ fn main() -> anyhow::Result<()> {
         .command
         .unwrap_or_else(|| Command::Run(RunArgs::from_env()));
     let runtime = match &command {
+        // Becomes the command at once: no runtime, no threads.
+        Command::ExecShim(args) => std::process::exit(exec::child::shim(args)),
         Command::Run(args) => operator::runtime(args.worker_threads)?,
         _ => tokio::runtime::Runtime::new()?,
     };
@@ -23,6 +25,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Switchover(args) => ctl::switchover::run(ctl::client().await?, &args).await,
         Command::Status(args) => ctl::show::run(ctl::client().await?, &args).await,
+        Command::ExecShim(args) => std::process::exit(exec::child::shim(&args)),
         Command::Exec(args) => {
             telemetry::init(args.log_format, "info");
             exec::run(args).await.map_err(anyhow::Error::from)

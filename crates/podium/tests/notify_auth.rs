@@ -356,9 +356,12 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(started, "started 3 ns/g\n");
-    let (_, role) = tokio::task::spawn_blocking(move || http(port, "GET", "/role", None, ""))
-        .await
-        .unwrap();
+    // The full view (epochs, pid) is for the operator's token only.
+    let viewer = good.clone();
+    let (_, role) =
+        tokio::task::spawn_blocking(move || http(port, "GET", "/role", Some(&viewer), ""))
+            .await
+            .unwrap();
     let role: Value = serde_json::from_str(&role).unwrap();
     println!("/role: {role}");
     assert_eq!(role["running"].as_bool(), Some(true));
@@ -423,10 +426,10 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
     .await
     .unwrap();
     assert_eq!(status, 200, "{body}");
-    let role: Value = serde_json::from_str(&http(port, "GET", "/role", None, "").1).unwrap();
+    let role: Value = serde_json::from_str(&http(port, "GET", "/role", Some(&good), "").1).unwrap();
     assert_eq!(role["running"].as_bool(), Some(true), "{role}");
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let role: Value = serde_json::from_str(&http(port, "GET", "/role", None, "").1).unwrap();
+    let role: Value = serde_json::from_str(&http(port, "GET", "/role", Some(&good), "").1).unwrap();
     println!("/role after the term: {role}");
     assert_eq!(role["running"].as_bool(), Some(false), "{role}");
     assert_eq!(role["leadingEpoch"], Value::Null, "{role}");

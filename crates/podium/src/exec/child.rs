@@ -1,11 +1,77 @@
 //! The leader-only command: started in a process group of its own with the role in its
 //! environment, stopped with SIGTERM to the group, SIGKILL after the grace period, and reaped.
+//!
+//! `podium exec` starts it through [`shim`] (argv from [`shimmed`]), so that the kernel kills
+//! it when `podium exec` dies without a chance to stop it (SIGKILL, the OOM killer): a leader-
+//! only command must not outlive the process that ends its term.
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use clap::Args;
 use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
+
+/// The hidden subcommand [`shim`] runs as.
+pub const SHIM: &str = "exec-shim";
+
+/// `podium exec-shim --parent PID -- CMD [ARGS...]`: not for people.
+#[derive(Args, Debug, Clone)]
+pub struct ShimArgs {
+    /// The `podium exec` process that started the shim.
+    #[arg(long)]
+    pub parent: i32,
+
+    /// The command to become.
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `argv` run through `podium` (at `program`) as [`shim`], on behalf of this process.
+pub fn shimmed(program: &Path, argv: &[String]) -> Vec<String> {
+    let mut shimmed = vec![
+        program.to_string_lossy().into_owned(),
+        SHIM.into(),
+        "--parent".into(),
+        std::process::id().to_string(),
+        "--".into(),
+    ];
+    shimmed.extend_from_slice(argv);
+    shimmed
+}
+
+/// The shim, in the child: asks the kernel for SIGKILL when its parent dies, then becomes CMD
+/// (same pid, process group and environment). SIGKILL rather than SIGTERM: nobody is left to
+/// escalate, and a command that ignores SIGTERM would run on as leader without a term.
+/// Returns an exit code only if it cannot become CMD.
+///
+/// The kernel ties the signal to the parent *thread* that forked: `podium exec` forks from
+/// its runtime's worker threads, which live as long as the process.
+pub fn shim(args: &ShimArgs) -> i32 {
+    use std::os::unix::process::CommandExt;
+    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(Signal::KILL)) {
+        eprintln!("podium exec-shim: cannot ask for a parent-death signal: {e}");
+        return 126;
+    }
+    // The parent may have died between the fork and the prctl, and then no signal comes:
+    // this process would have been handed to another parent already.
+    let parent = rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get());
+    if parent != Some(args.parent) {
+        eprintln!(
+            "podium exec-shim: podium exec ({}) is gone; not starting the command",
+            args.parent
+        );
+        return 125;
+    }
+    let Some((program, rest)) = args.command.split_first() else {
+        eprintln!("podium exec-shim: no command to run");
+        return 127;
+    };
+    let e = std::process::Command::new(program).args(rest).exec();
+    eprintln!("podium exec: cannot run {program:?}: {e}");
+    127
+}
 
 /// How the command ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,6 +243,28 @@ fn exit(status: std::io::Result<ExitStatus>, requested: bool) -> Exit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shim_names_this_process_and_passes_the_command_untouched() {
+        let argv = shimmed(
+            Path::new("/bin/podium"),
+            &["sh".into(), "-c".into(), "--parent 1".into()],
+        );
+        let pid = std::process::id().to_string();
+        assert_eq!(
+            argv,
+            [
+                "/bin/podium",
+                "exec-shim",
+                "--parent",
+                pid.as_str(),
+                "--",
+                "sh",
+                "-c",
+                "--parent 1"
+            ]
+        );
+    }
 
     fn role() -> Role {
         Role {

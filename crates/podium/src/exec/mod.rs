@@ -34,7 +34,8 @@ pub const DEFAULT_OPERATOR: &str = "system:serviceaccount:podium-system:podium";
                   is demoted, when its term runs out without a renewal from the operator, and when \
                   podium exec itself gets SIGTERM or SIGINT.\n\n\
                   GET /readyz answers 503 once CMD exited on its own while the pod leads, so a \
-                  readiness probe on it hands leadership to another pod. GET /role shows the state."
+                  readiness probe on it hands leadership to another pod. GET /role shows the role, and \
+                  the whole state (epoch, term, pid, exits) to a request with the operator's token."
 )]
 pub struct ExecArgs {
     /// Address to listen on for the operator's role messages, /readyz and /role.
@@ -78,8 +79,8 @@ pub struct ExecArgs {
     #[arg(long, env = "PODIUM_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub grace: Duration,
 
-    /// How often to refetch the cluster's token keys (/openid/v1/jwks); also refetched when a
-    /// token names an unknown key.
+    /// How often to refetch the cluster's token keys (/openid/v1/jwks) and issuer; also
+    /// refetched, at most once a minute, when a token names an unknown key.
     #[arg(long, env = "PODIUM_JWKS_REFRESH", default_value = "5m", value_parser = parse_refresh)]
     pub jwks_refresh: Duration,
 
@@ -108,6 +109,10 @@ pub enum ExecError {
         "cannot build a Kubernetes client (for the cluster's token keys) from KUBECONFIG or the in-cluster config: {0}"
     )]
     KubeConfig(#[source] kube::config::InferConfigError),
+    #[error(
+        "cannot build a Kubernetes client (for the cluster's token keys) from the in-cluster config: {0}"
+    )]
+    InCluster(#[source] kube::config::InClusterError),
     #[error("cannot build a Kubernetes client: {0}")]
     KubeClient(#[source] kube::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -120,7 +125,7 @@ pub enum ExecError {
     Serve {
         addr: SocketAddr,
         #[source]
-        source: std::io::Error,
+        source: tokio::task::JoinError,
     },
     #[error("cannot watch for SIGTERM: {0}")]
     Signals(#[source] std::io::Error),
@@ -165,18 +170,25 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Runs `podium exec` until SIGTERM or SIGINT; then stops CMD, answers the operator's next
 /// message (for at most [`LINGER`]) and returns.
 pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
+    let argv = match std::env::current_exe() {
+        Ok(podium) => child::shimmed(&podium, &args.command),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot find this binary: the command will outlive podium exec if it is killed");
+            args.command.clone()
+        }
+    };
     if let Some(labels_file) = &args.labels_file {
         return labels::run(labels::Options {
             labels_file: labels_file.clone(),
             annotations_file: args.annotations_file.clone(),
-            argv: args.command.clone(),
+            argv,
             grace: args.grace,
             poll: labels::POLL,
         })
         .await;
     }
     let identity = identity(&args)?;
-    let config = kube::Config::infer().await.map_err(ExecError::KubeConfig)?;
+    let config = kube_config().await?;
     let client = kube::Client::try_from(config).map_err(ExecError::KubeClient)?;
     let keys = Arc::new(verify::Keys::new(
         client,
@@ -194,7 +206,7 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
 
     let max_term_millis = u64::try_from(args.max_term.as_millis()).unwrap_or(u64::MAX);
     let exec = server::Exec::new(
-        args.command.clone(),
+        argv,
         args.grace,
         Receiver::new(identity.clone(), max_term_millis),
         keys,
@@ -220,13 +232,12 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     let router = exec.router(&args.path);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ExecError::Signals)?;
-    let mut serve = tokio::spawn(axum::serve(listener, router).into_future());
+    let mut serve = tokio::spawn(server::serve(listener, router, server::MAX_CONNECTIONS));
     tokio::select! {
         served = &mut serve => {
             return match served {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(source)) => Err(ExecError::Serve { addr, source }),
-                Err(e) => Err(ExecError::Serve { addr, source: std::io::Error::other(e) }),
+                Ok(never) => match never {},
+                Err(source) => Err(ExecError::Serve { addr, source }),
             };
         }
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping the command"),
@@ -240,6 +251,19 @@ pub async fn run(args: ExecArgs) -> Result<(), ExecError> {
     tracing::info!("podium exec: done");
     Ok(())
 }
+
+/// The pod's own ServiceAccount when it runs in a cluster, else KUBECONFIG: inside a pod,
+/// a KUBECONFIG that happens to be in the image must not decide whose keys are believed.
+async fn kube_config() -> Result<kube::Config, ExecError> {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        && std::path::Path::new(SERVICE_ACCOUNT_TOKEN).exists()
+    {
+        return kube::Config::incluster().map_err(ExecError::InCluster);
+    }
+    kube::Config::infer().await.map_err(ExecError::KubeConfig)
+}
+
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 fn parse_path(s: &str) -> Result<String, String> {
     if !s.starts_with('/') || s.contains(char::is_whitespace) || s == "/readyz" || s == "/role" {

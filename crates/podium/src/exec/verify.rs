@@ -2,8 +2,9 @@
 //! signed for this pod's own audience ([`podium_core::notify::audience`]). [`Verifier`] checks one token against a JWKS and is pure;
 //! [`Keys`] keeps the cluster's JWKS (from `/openid/v1/jwks`) fresh around it.
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -12,6 +13,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use thiserror::Error;
+use tokio::time::Instant;
 
 /// Clock skew allowed on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 5;
@@ -50,6 +52,10 @@ pub enum TokenError {
     NotYetValid,
     #[error("token has no {0:?} claim")]
     MissingClaim(String),
+    #[error("token issuer is not this cluster's ({0:?})")]
+    Issuer(String),
+    #[error("this pod does not know the cluster's token issuer yet")]
+    IssuerUnknown,
 }
 
 /// The claims of a verified token that `podium exec` uses.
@@ -68,23 +74,39 @@ struct RawHeader {
     kid: Option<String>,
 }
 
-/// Checks tokens against one JWKS: signature, audience, subject, `exp` and `nbf`.
+/// Checks tokens against one JWKS and issuer: signature, issuer, audience, subject, `exp` and
+/// `nbf`.
 #[derive(Clone, Debug)]
 pub struct Verifier {
     keys: JwkSet,
     subject: String,
     audience: String,
+    /// The cluster's issuer; until it is known, every token is refused.
+    issuer: Option<String>,
 }
 
 impl Verifier {
     /// Tokens must be signed by a key of `keys`, carry `sub == subject`, and name `audience`
-    /// (this pod's own) among their audiences.
+    /// (this pod's own) among their audiences. Refuses every token until
+    /// [`Verifier::with_issuer`] names the cluster's issuer.
     pub fn new(keys: JwkSet, subject: impl Into<String>, audience: impl Into<String>) -> Self {
         Verifier {
             keys,
             subject: subject.into(),
             audience: audience.into(),
+            issuer: None,
         }
+    }
+
+    /// Tokens must also carry `iss == issuer`: a token another issuer signed with a key that
+    /// happens to be in the set is not the cluster's.
+    pub fn with_issuer(mut self, issuer: impl Into<String>) -> Self {
+        self.issuer = Some(issuer.into());
+        self
+    }
+
+    pub fn issuer(&self) -> Option<&str> {
+        self.issuer.as_deref()
     }
 
     pub fn key_count(&self) -> usize {
@@ -92,6 +114,9 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let Some(issuer) = self.issuer.as_deref() else {
+            return Err(TokenError::IssuerUnknown);
+        };
         let parts: Vec<&str> = token.split('.').collect();
         let [header, _, _] = parts[..] else {
             return Err(TokenError::Malformed(
@@ -130,7 +155,7 @@ impl Verifier {
             let Ok(key) = DecodingKey::from_jwk(jwk) else {
                 continue;
             };
-            match jsonwebtoken::decode::<Claims>(token, &key, &self.validation(alg)) {
+            match jsonwebtoken::decode::<Claims>(token, &key, &self.validation(alg, issuer)) {
                 Ok(data) => return Ok(data.claims),
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
                     refusal = TokenError::BadSignature;
@@ -141,14 +166,15 @@ impl Verifier {
         Err(refusal)
     }
 
-    fn validation(&self, alg: Algorithm) -> Validation {
+    fn validation(&self, alg: Algorithm, issuer: &str) -> Validation {
         let mut validation = Validation::new(alg);
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.set_audience(&[self.audience.as_str()]);
         validation.sub = Some(self.subject.clone());
-        validation.set_required_spec_claims(&["exp", "aud", "sub"]);
+        validation.set_issuer(&[issuer]);
+        validation.set_required_spec_claims(&["exp", "aud", "sub", "iss"]);
         validation
     }
 }
@@ -181,6 +207,7 @@ impl Verifier {
             ErrorKind::ImmatureSignature => TokenError::NotYetValid,
             ErrorKind::InvalidAudience => TokenError::Audience(self.audience.clone()),
             ErrorKind::InvalidSubject => TokenError::Subject,
+            ErrorKind::InvalidIssuer => TokenError::Issuer(self.issuer.clone().unwrap_or_default()),
             ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
             ErrorKind::InvalidAlgorithm => TokenError::Algorithm("for this key".into()),
             other => TokenError::Malformed(format!("{other:?}")),
@@ -208,29 +235,77 @@ pub fn parse_jwks(text: &str) -> Result<(JwkSet, usize), serde_json::Error> {
 
 #[derive(Error, Debug)]
 pub enum JwksError {
-    #[error("reading {JWKS_PATH} from the API server: {0}")]
-    Request(#[source] kube::Error),
+    #[error("reading {0} from the API server: {1}")]
+    Request(&'static str, #[source] Box<kube::Error>),
+    #[error("reading {0} from the API server: no answer within {1:?}")]
+    Timeout(&'static str, Duration),
     #[error("{JWKS_PATH} is not a JWKS: {0}")]
     Parse(#[source] serde_json::Error),
+    #[error("{DISCOVERY_PATH} names no issuer: {0}")]
+    Discovery(String),
 }
 
-/// The cluster's token keys, fetched with a Kubernetes client, refreshed periodically and when
-/// a token names an unknown key (at most once per [`Keys::MIN_REFETCH`]).
+/// Where the API server publishes its OpenID discovery document, whose `issuer` is what its
+/// ServiceAccount tokens carry in `iss`.
+pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+
+/// The longest issuer this pod believes from a discovery document: an issuer is a URL.
+const MAX_ISSUER_LEN: usize = 2048;
+
+/// The issuer of a discovery document.
+pub fn parse_issuer(text: &str) -> Result<String, JwksError> {
+    #[derive(Deserialize)]
+    struct Discovery {
+        issuer: Option<String>,
+    }
+    let discovery: Discovery =
+        serde_json::from_str(text).map_err(|e| JwksError::Discovery(format!("not JSON: {e}")))?;
+    match discovery.issuer {
+        Some(issuer) if !issuer.is_empty() && issuer.len() <= MAX_ISSUER_LEN => Ok(issuer),
+        Some(_) => Err(JwksError::Discovery(
+            "the issuer is empty or too long".into(),
+        )),
+        None => Err(JwksError::Discovery("no \"issuer\" field".into())),
+    }
+}
+
+/// The cluster's token keys and issuer, fetched with a Kubernetes client, refreshed
+/// periodically and when a token names an unknown key.
 pub struct Keys {
     client: kube::Client,
     subject: String,
     audience: String,
     verifier: RwLock<Arc<Verifier>>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Held across a fetch, so that concurrent verifications of unknown keys share one fetch
+    /// instead of each making their own. Holds when the last fetch began.
+    fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Fetches finished (or failed) so far: a verification that waited for the lock sees that
+    /// the fetch it wanted has happened meanwhile.
+    fetches: AtomicU64,
+    /// [`Keys::MIN_REFETCH`], shorter in tests.
+    min_refetch: Duration,
+    /// [`Keys::REFETCH_WAIT`], shorter in tests.
+    refetch_wait: Duration,
 }
 
 impl Keys {
     /// Refetches on an unknown `kid` happen at most this often, so forged tokens cannot make
-    /// the pod hammer the API server.
-    pub const MIN_REFETCH: Duration = Duration::from_secs(5);
+    /// the pod hammer the API server: a rotated key is known within a minute of its first use.
+    pub const MIN_REFETCH: Duration = Duration::from_secs(60);
+
+    /// How soon the periodic refresh tries again after a failure (at start, until the API
+    /// server answers, every token is refused).
+    pub const RETRY: Duration = Duration::from_secs(5);
+
+    /// How long one request to the API server may take.
+    pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// How long a verification waits for a refetch (its own or another's): a request with a
+    /// forged key holds its connection no longer than this when the API server is slow.
+    pub const REFETCH_WAIT: Duration = Duration::from_secs(5);
 
     /// Keys for tokens whose subject must be `subject` and whose audiences must include
-    /// `audience`; empty until [`Keys::refresh`].
+    /// `audience`; empty, and the issuer unknown, until [`Keys::refresh`].
     pub fn new(
         client: kube::Client,
         subject: impl Into<String>,
@@ -247,7 +322,10 @@ impl Keys {
             ))),
             subject,
             audience,
-            last_fetch: tokio::sync::Mutex::new(None),
+            fetch: tokio::sync::Mutex::new(None),
+            fetches: AtomicU64::new(0),
+            min_refetch: Self::MIN_REFETCH,
+            refetch_wait: Self::REFETCH_WAIT,
         }
     }
 
@@ -258,11 +336,17 @@ impl Keys {
             .clone()
     }
 
-    /// Verifies `token`, refetching the JWKS first if it names a key not yet known.
+    /// Verifies `token`, refetching the keys first if it names a key not yet known.
     pub async fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let seen = self.fetches.load(Ordering::Acquire);
         match self.current().verify(token) {
             Err(TokenError::UnknownKey(kid)) => {
-                if self.refresh_if_due().await {
+                // Cut short, a fetch leaves its start recorded: the next is a minute away
+                // either way, and the periodic refresh goes on.
+                let refetched = tokio::time::timeout(self.refetch_wait, self.refetch(seen))
+                    .await
+                    .unwrap_or(false);
+                if refetched {
                     self.current().verify(token)
                 } else {
                     Err(TokenError::UnknownKey(kid))
@@ -272,13 +356,17 @@ impl Keys {
         }
     }
 
-    async fn refresh_if_due(&self) -> bool {
-        let last = self.last_fetch.lock().await;
-        if last.is_some_and(|at| at.elapsed() < Self::MIN_REFETCH) {
+    /// Fetches the keys unless a fetch finished after `seen` (then its keys are the newest) or
+    /// one began less than [`Keys::MIN_REFETCH`] ago. Whether there may be new keys to try.
+    async fn refetch(&self, seen: u64) -> bool {
+        let mut last = self.fetch.lock().await;
+        if self.fetches.load(Ordering::Acquire) != seen {
+            return true;
+        }
+        if last.is_some_and(|at| at.elapsed() < self.min_refetch) {
             return false;
         }
-        drop(last);
-        match self.refresh().await {
+        match self.fetch_locked(&mut last).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot refresh the cluster's token keys");
@@ -287,46 +375,63 @@ impl Keys {
         }
     }
 
-    /// Fetches the JWKS now; returns how many keys it holds.
+    /// Fetches the issuer and the JWKS now; returns how many keys the JWKS holds.
     pub async fn refresh(&self) -> Result<usize, JwksError> {
-        let mut last = self.last_fetch.lock().await;
+        let mut last = self.fetch.lock().await;
+        self.fetch_locked(&mut last).await
+    }
+
+    async fn fetch_locked(&self, last: &mut Option<Instant>) -> Result<usize, JwksError> {
         *last = Some(Instant::now());
-        let request = http::Request::get(JWKS_PATH)
-            .body(Vec::new())
-            .expect("a GET with a static path is a valid request");
-        let text = self
-            .client
-            .request_text(request)
-            .await
-            .map_err(JwksError::Request)?;
-        let (keys, skipped) = parse_jwks(&text).map_err(JwksError::Parse)?;
-        if skipped > 0 {
-            tracing::warn!(skipped, "skipped JWKS keys of an unknown kind");
-        }
+        let fetched = self.fetch_both().await;
+        self.fetches.fetch_add(1, Ordering::AcqRel);
+        let (issuer, keys) = fetched?;
         let count = keys.keys.len();
         *self
             .verifier
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(Verifier::new(
-            keys,
-            self.subject.clone(),
-            self.audience.clone(),
-        ));
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(
+            Verifier::new(keys, self.subject.clone(), self.audience.clone()).with_issuer(issuer),
+        );
         tracing::debug!(keys = count, "refreshed the cluster's token keys");
         Ok(count)
     }
 
-    /// Refreshes every `every` (and retries after [`Keys::MIN_REFETCH`] while that fails).
+    async fn fetch_both(&self) -> Result<(String, JwkSet), JwksError> {
+        let issuer = parse_issuer(&self.get(DISCOVERY_PATH).await?)?;
+        let (keys, skipped) = parse_jwks(&self.get(JWKS_PATH).await?).map_err(JwksError::Parse)?;
+        if skipped > 0 {
+            tracing::warn!(skipped, "skipped JWKS keys of an unknown kind");
+        }
+        Ok((issuer, keys))
+    }
+
+    async fn get(&self, path: &'static str) -> Result<String, JwksError> {
+        let request = http::Request::get(path)
+            .body(Vec::new())
+            .expect("a GET with a static path is a valid request");
+        tokio::time::timeout(Self::FETCH_TIMEOUT, self.client.request_text(request))
+            .await
+            .map_err(|_| JwksError::Timeout(path, Self::FETCH_TIMEOUT))?
+            .map_err(|e| JwksError::Request(path, Box::new(e)))
+    }
+
+    /// Refreshes every `every` (and retries after [`Keys::RETRY`] while that fails).
     pub fn spawn_refresh(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let mut wait = every;
+            // At start the first fetch may have failed: retry soon rather than after `every`.
+            let mut wait = if self.current().issuer().is_some() {
+                every
+            } else {
+                Self::RETRY.min(every)
+            };
             loop {
                 tokio::time::sleep(wait).await;
                 wait = match self.refresh().await {
                     Ok(_) => every,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot refresh the cluster's token keys");
-                        Self::MIN_REFETCH.min(every)
+                        Self::RETRY.min(every)
                     }
                 };
             }
@@ -355,6 +460,7 @@ mod tests {
 
     const OPERATOR: &str = "system:serviceaccount:podium-system:podium";
     const AUDIENCE: &str = "podium.dev/notify/ns/g/u0";
+    const ISSUER: &str = "https://kubernetes.default.svc";
 
     struct Key {
         kid: String,
@@ -393,7 +499,7 @@ mod tests {
         // As the API server writes them.
         json!({
             "aud": [aud], "sub": sub, "exp": exp, "iat": now(), "nbf": now(),
-            "iss": "https://kubernetes.default.svc",
+            "iss": ISSUER,
             "kubernetes.io": {"namespace": "podium-system", "serviceaccount": {"name": "podium"}},
         })
     }
@@ -408,7 +514,7 @@ mod tests {
         let text = json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()});
         let (set, skipped) = parse_jwks(&text.to_string()).unwrap();
         assert_eq!(skipped, 0);
-        Verifier::new(set, OPERATOR, AUDIENCE)
+        Verifier::new(set, OPERATOR, AUDIENCE).with_issuer(ISSUER)
     }
 
     fn good_claims() -> Value {
@@ -562,6 +668,208 @@ mod tests {
         let text = json!({"keys": [{"kty": "future", "kid": "x"}, k.jwk]}).to_string();
         let (set, skipped) = parse_jwks(&text).unwrap();
         assert_eq!((set.keys.len(), skipped), (1, 1));
+    }
+
+    #[test]
+    fn the_issuer_is_checked_and_unknown_refuses_everything() {
+        let k = key("k1");
+        let v = verifier(&[&k]);
+        let mut foreign = good_claims();
+        foreign["iss"] = json!("https://attacker.example");
+        assert_eq!(
+            v.verify(&sign(&k, &foreign)),
+            Err(TokenError::Issuer(ISSUER.into()))
+        );
+        let mut no_iss = good_claims();
+        no_iss.as_object_mut().unwrap().remove("iss");
+        assert_eq!(
+            v.verify(&sign(&k, &no_iss)),
+            Err(TokenError::MissingClaim("iss".into()))
+        );
+        // Keys but no issuer yet: even a good token is refused.
+        let text = json!({"keys": [k.jwk.clone()]}).to_string();
+        let (set, _) = parse_jwks(&text).unwrap();
+        let without = Verifier::new(set, OPERATOR, AUDIENCE);
+        assert_eq!(
+            without.verify(&sign(&k, &good_claims())),
+            Err(TokenError::IssuerUnknown)
+        );
+        assert!(v.verify(&sign(&k, &good_claims())).is_ok());
+    }
+
+    #[test]
+    fn discovery_documents() {
+        assert_eq!(
+            parse_issuer(r#"{"issuer":"https://kubernetes.default.svc","jwks_uri":"x"}"#).unwrap(),
+            ISSUER
+        );
+        let long = format!(r#"{{"issuer":"{}"}}"#, "a".repeat(MAX_ISSUER_LEN + 1));
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"jwks_uri":"x"}"#,
+            r#"{"issuer":""}"#,
+            r#"{"issuer":7}"#,
+            long.as_str(),
+        ] {
+            assert!(
+                matches!(parse_issuer(bad), Err(JwksError::Discovery(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// A stand-in API server: serves `issuer` (or 500 while it is None) and the JWKS of
+    /// `keys`, each after `delay`, and counts the JWKS requests.
+    struct FakeApi {
+        jwks: Arc<std::sync::Mutex<Value>>,
+        issuer: Arc<std::sync::Mutex<Option<String>>>,
+        fetches: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl FakeApi {
+        fn new(keys: &[&Key]) -> FakeApi {
+            FakeApi {
+                jwks: Arc::new(std::sync::Mutex::new(
+                    json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}),
+                )),
+                issuer: Arc::new(std::sync::Mutex::new(Some(ISSUER.into()))),
+                fetches: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            }
+        }
+
+        fn set_keys(&self, keys: &[&Key]) {
+            *self.jwks.lock().unwrap() =
+                json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()});
+        }
+
+        fn fetches(&self) -> usize {
+            self.fetches.load(Ordering::SeqCst)
+        }
+
+        fn keys(&self, delay: Duration) -> Keys {
+            let (jwks, issuer, fetches) =
+                (self.jwks.clone(), self.issuer.clone(), self.fetches.clone());
+            let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+                let (jwks, issuer, fetches) = (jwks.clone(), issuer.clone(), fetches.clone());
+                async move {
+                    tokio::time::sleep(delay).await;
+                    let (status, body) = match request.uri().path() {
+                        JWKS_PATH => {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            (200, jwks.lock().unwrap().to_string())
+                        }
+                        DISCOVERY_PATH => match issuer.lock().unwrap().clone() {
+                            Some(issuer) => (200, json!({ "issuer": issuer }).to_string()),
+                            None => (500, "{}".into()),
+                        },
+                        _ => (404, "{}".into()),
+                    };
+                    let response = http::Response::builder()
+                        .status(status)
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            Keys::new(kube::Client::new(service, "default"), OPERATOR, AUDIENCE)
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_keys_are_refetched_once_for_many_and_at_most_once_a_minute() {
+        let k1 = key("k1");
+        let api = FakeApi::new(&[&k1]);
+        let mut keys = api.keys(Duration::from_millis(100));
+        keys.min_refetch = Duration::from_millis(500);
+        let keys = Arc::new(keys);
+        assert_eq!(keys.refresh().await.unwrap(), 1);
+        assert_eq!(api.fetches(), 1);
+        assert!(keys.verify(&sign(&k1, &good_claims())).await.is_ok());
+
+        // A rotated key: the first tokens signed with it are verified after one refetch,
+        // however many arrive at once.
+        let k2 = key("k2");
+        api.set_keys(&[&k1, &k2]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let token = sign(&k2, &good_claims());
+        let verifications: Vec<_> = (0..20)
+            .map(|_| {
+                let (keys, token) = (keys.clone(), token.clone());
+                tokio::spawn(async move { keys.verify(&token).await })
+            })
+            .collect();
+        for verification in verifications {
+            assert!(verification.await.unwrap().is_ok());
+        }
+        assert_eq!(api.fetches(), 2);
+
+        // Forged kids: one refetch, then none until the interval has passed.
+        let forged = sign(&key("k9"), &good_claims());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..20 {
+            assert_eq!(
+                keys.verify(&forged).await,
+                Err(TokenError::UnknownKey("k9".into()))
+            );
+        }
+        assert_eq!(api.fetches(), 3);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(keys.verify(&forged).await.is_err());
+        assert_eq!(api.fetches(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_slow_api_server_holds_a_verification_no_longer_than_the_refetch_wait() {
+        let k = key("k1");
+        let api = FakeApi::new(&[&k]);
+        let mut keys = api.keys(Duration::from_secs(3));
+        keys.refetch_wait = Duration::from_millis(300);
+        keys.min_refetch = Duration::ZERO;
+        let started = Instant::now();
+        assert_eq!(
+            keys.verify(&sign(&key("k9"), &good_claims())).await,
+            Err(TokenError::IssuerUnknown)
+        );
+        // With keys and an issuer, but the API server slow for the refetch.
+        let fast = api.keys(Duration::ZERO);
+        fast.refresh().await.unwrap();
+        keys.verifier = RwLock::new(fast.current());
+        let started_slow = Instant::now();
+        assert_eq!(
+            keys.verify(&sign(&key("k9"), &good_claims())).await,
+            Err(TokenError::UnknownKey("k9".into()))
+        );
+        let took = started_slow.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn every_token_is_refused_until_the_issuer_is_known() {
+        let k = key("k1");
+        let api = FakeApi::new(&[&k]);
+        *api.issuer.lock().unwrap() = None;
+        let keys = api.keys(Duration::ZERO);
+        assert!(matches!(
+            keys.refresh().await,
+            Err(JwksError::Request(DISCOVERY_PATH, _))
+        ));
+        let token = sign(&k, &good_claims());
+        assert_eq!(keys.verify(&token).await, Err(TokenError::IssuerUnknown));
+        *api.issuer.lock().unwrap() = Some("https://other.example".into());
+        keys.refresh().await.unwrap();
+        assert_eq!(
+            keys.verify(&token).await,
+            Err(TokenError::Issuer("https://other.example".into()))
+        );
+        *api.issuer.lock().unwrap() = Some(ISSUER.into());
+        keys.refresh().await.unwrap();
+        assert!(keys.verify(&token).await.is_ok());
     }
 
     #[test]
