@@ -221,7 +221,7 @@ async fn pods_that_never_answer_do_not_starve_another_namespace() {
         setup.elapsed()
     );
 
-    let mut operator = Operator::start(
+    let operator = Operator::start(
         client.clone(),
         OperatorConfig {
             http_addr: None,
@@ -302,7 +302,10 @@ async fn pods_that_never_answer_do_not_starve_another_namespace() {
     );
     assert!(
         not_leading.is_empty(),
-        "B's leader was not told `leader` throughout: {not_leading:?}"
+        "B's leader was not leading in {} samples, from {:?} on: {:?}",
+        not_leading.len(),
+        not_leading.first().map(|s| s.0),
+        not_leading.first().map(|s| &s.1),
     );
     assert_eq!(expiries, 0, "B's leader's term ran out:\n{exec_log}");
     assert!(

@@ -2,9 +2,11 @@
 //! select pods that accept a connection and never answer; each send to one holds a slot until
 //! it times out. Without limits, a few hundred such pods held every slot, and every other
 //! namespace's renewals waited until their leaders' terms ran out. So:
-//! - [`admit`]: a namespace holds at most [`Caps::per_namespace`] slots, and the last
-//!   [`Caps::reserved`] slots of the pool go only to namespaces that hold almost none, so that
-//!   however many namespaces flood the pool, one that sends a renewal now and then finds a slot;
+//! - [`admit`]: a namespace holds at most [`Caps::per_namespace`] slots, of which demotions,
+//!   the only sends that may take long, at most [`Caps::long_per_namespace`], so that its own
+//!   renewals still find one; and the last [`Caps::reserved`] slots of the pool go only to
+//!   namespaces that hold almost none, so that however many namespaces flood the pool, one that
+//!   sends a renewal now and then finds a slot;
 //! - [`Turns`]: groups whose sends had to wait go first, in the order they waited, and a group
 //!   that has to wait again goes to the back (round robin);
 //! - [`urgency`]: within a group, leader and pending messages go before demotions, and pods that
@@ -22,6 +24,8 @@ pub struct Caps {
     pub total: usize,
     /// In one namespace.
     pub per_namespace: usize,
+    /// Of those, sends with the long timeout ([`is_long`]).
+    pub long_per_namespace: usize,
     /// The last slots of the pool, kept for namespaces with fewer than `light` in flight.
     pub reserved: usize,
     pub light: usize,
@@ -29,13 +33,23 @@ pub struct Caps {
 
 impl Caps {
     /// Eight namespaces at their cap would fill the pool; the last 32 slots serve namespaces
-    /// with fewer than 2 in flight (a leader's renewal and a probe).
+    /// with fewer than 2 in flight (a leader's renewal and a probe). Pods that hold demotions
+    /// for 15 s leave a namespace 8 slots for the renewals, which end within 2 s.
     pub const DEFAULT: Caps = Caps {
         total: 256,
         per_namespace: 32,
+        long_per_namespace: 24,
         reserved: 32,
         light: 2,
     };
+}
+
+/// What one namespace holds of the pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub all: usize,
+    /// Sends with the long timeout.
+    pub long: usize,
 }
 
 /// Whether a send may start now.
@@ -48,15 +62,14 @@ pub enum Admit {
     PoolFull,
 }
 
-/// Whether one more send in a namespace that has `namespace_in_flight` of the
-/// `total_in_flight` sends may start.
-pub fn admit(caps: &Caps, total_in_flight: usize, namespace_in_flight: usize) -> Admit {
+/// Whether one more send (`long`: with the long timeout) in a namespace that holds `held` of
+/// the `total_in_flight` sends may start.
+pub fn admit(caps: &Caps, total_in_flight: usize, held: Held, long: bool) -> Admit {
     if total_in_flight >= caps.total {
         Admit::PoolFull
-    } else if namespace_in_flight >= caps.per_namespace {
+    } else if held.all >= caps.per_namespace || (long && held.long >= caps.long_per_namespace) {
         Admit::NamespaceFull
-    } else if total_in_flight >= caps.total.saturating_sub(caps.reserved)
-        && namespace_in_flight >= caps.light
+    } else if total_in_flight >= caps.total.saturating_sub(caps.reserved) && held.all >= caps.light
     {
         Admit::PoolFull
     } else {
@@ -72,6 +85,11 @@ pub const LONG_TIMEOUT_MILLIS: u64 = 15_000;
 pub const SHORT_TIMEOUT_MAX_MILLIS: u64 = 2_000;
 pub const SHORT_TIMEOUT_MIN_MILLIS: u64 = 500;
 
+/// Whether a `role` message gets the long timeout: a demotion.
+pub fn is_long(role: NotifyRole) -> bool {
+    role == NotifyRole::Follower
+}
+
 /// How long the notifier waits for the answer to a `role` message in a group whose term is
 /// `term_millis`.
 ///
@@ -83,11 +101,10 @@ pub const SHORT_TIMEOUT_MIN_MILLIS: u64 = 500;
 /// A timeout is never taken for an answer: only answers move what the operator knows of a pod
 /// (`activation::Link`), so a shorter timeout can delay an activation but never allow one.
 pub fn timeout_millis(role: NotifyRole, term_millis: u64) -> u64 {
-    match role {
-        NotifyRole::Follower => LONG_TIMEOUT_MILLIS,
-        NotifyRole::Leader | NotifyRole::Pending => {
-            (term_millis / 3).clamp(SHORT_TIMEOUT_MIN_MILLIS, SHORT_TIMEOUT_MAX_MILLIS)
-        }
+    if is_long(role) {
+        LONG_TIMEOUT_MILLIS
+    } else {
+        (term_millis / 3).clamp(SHORT_TIMEOUT_MIN_MILLIS, SHORT_TIMEOUT_MAX_MILLIS)
     }
 }
 
@@ -96,7 +113,7 @@ pub fn timeout_millis(role: NotifyRole, term_millis: u64) -> u64 {
 /// failed many times in a row is likely to fail again, and must not keep the others of its
 /// group from their turn.
 pub fn urgency(role: NotifyRole, failures: u32) -> (bool, u32) {
-    (role == NotifyRole::Follower, failures)
+    (is_long(role), failures)
 }
 
 /// Groups waiting for a slot, in the order they started waiting.
@@ -176,19 +193,35 @@ mod tests {
 
     const CAPS: Caps = Caps::DEFAULT;
 
+    fn held(all: usize) -> Held {
+        Held { all, long: 0 }
+    }
+
     #[test]
     fn a_namespace_never_holds_more_than_its_cap() {
-        assert_eq!(admit(&CAPS, 0, 31), Admit::Now);
-        assert_eq!(admit(&CAPS, 31, 31), Admit::Now);
-        assert_eq!(admit(&CAPS, 32, 32), Admit::NamespaceFull);
-        assert_eq!(admit(&CAPS, 100, 32), Admit::NamespaceFull);
+        for long in [false, true] {
+            assert_eq!(admit(&CAPS, 0, held(23), long), Admit::Now);
+            assert_eq!(admit(&CAPS, 31, held(31), long), Admit::Now);
+            assert_eq!(admit(&CAPS, 32, held(32), long), Admit::NamespaceFull);
+            assert_eq!(admit(&CAPS, 100, held(32), long), Admit::NamespaceFull);
+        }
+    }
+
+    #[test]
+    fn demotions_leave_a_namespace_room_for_its_renewals() {
+        let demoting = Held { all: 24, long: 24 };
+        assert_eq!(admit(&CAPS, 24, demoting, true), Admit::NamespaceFull);
+        assert_eq!(admit(&CAPS, 24, demoting, false), Admit::Now);
+        let mixed = Held { all: 31, long: 23 };
+        assert_eq!(admit(&CAPS, 31, mixed, true), Admit::Now);
+        assert_eq!(admit(&CAPS, 31, mixed, false), Admit::Now);
     }
 
     #[test]
     fn the_pool_holds_no_more_than_its_total() {
-        assert_eq!(admit(&CAPS, 256, 0), Admit::PoolFull);
-        assert_eq!(admit(&CAPS, 300, 1), Admit::PoolFull);
-        assert_eq!(admit(&CAPS, 255, 0), Admit::Now);
+        assert_eq!(admit(&CAPS, 256, held(0), false), Admit::PoolFull);
+        assert_eq!(admit(&CAPS, 300, held(1), false), Admit::PoolFull);
+        assert_eq!(admit(&CAPS, 255, held(0), true), Admit::Now);
     }
 
     #[test]
@@ -196,12 +229,12 @@ mod tests {
         // Seven namespaces at their cap fill what is not reserved.
         let flooded = 7 * CAPS.per_namespace;
         assert_eq!(flooded, CAPS.total - CAPS.reserved);
-        assert_eq!(admit(&CAPS, flooded - 1, 5), Admit::Now);
-        assert_eq!(admit(&CAPS, flooded, 5), Admit::PoolFull);
-        assert_eq!(admit(&CAPS, flooded, 2), Admit::PoolFull);
-        assert_eq!(admit(&CAPS, flooded, 1), Admit::Now);
-        assert_eq!(admit(&CAPS, flooded, 0), Admit::Now);
-        assert_eq!(admit(&CAPS, CAPS.total - 1, 0), Admit::Now);
+        assert_eq!(admit(&CAPS, flooded - 1, held(5), false), Admit::Now);
+        assert_eq!(admit(&CAPS, flooded, held(5), false), Admit::PoolFull);
+        assert_eq!(admit(&CAPS, flooded, held(2), false), Admit::PoolFull);
+        assert_eq!(admit(&CAPS, flooded, held(1), true), Admit::Now);
+        assert_eq!(admit(&CAPS, flooded, held(0), false), Admit::Now);
+        assert_eq!(admit(&CAPS, CAPS.total - 1, held(0), false), Admit::Now);
     }
 
     /// However many namespaces flood the pool, a namespace with one renewal at a time gets a
@@ -212,9 +245,9 @@ mod tests {
         let mut total = 0;
         // Fifty namespaces each try to start a hundred sends, in turn.
         for _ in 0..100 {
-            for held in in_flight.iter_mut() {
-                if admit(&CAPS, total, *held) == Admit::Now {
-                    *held += 1;
+            for count in in_flight.iter_mut() {
+                if admit(&CAPS, total, held(*count), false) == Admit::Now {
+                    *count += 1;
                     total += 1;
                 }
             }
@@ -223,7 +256,7 @@ mod tests {
         assert!(in_flight.iter().all(|&n| n <= CAPS.per_namespace));
         let quiet = (0..CAPS.reserved / CAPS.light)
             .filter(|_| {
-                let admitted = admit(&CAPS, total, 0) == Admit::Now;
+                let admitted = admit(&CAPS, total, held(0), false) == Admit::Now;
                 if admitted {
                     total += 1;
                 }
@@ -250,7 +283,7 @@ mod tests {
 
     #[test]
     fn renewals_go_first_then_the_pods_that_failed_least() {
-        let mut sends = vec![
+        let mut sends = [
             ("a", NotifyRole::Follower, 3),
             ("b", NotifyRole::Follower, 0),
             ("c", NotifyRole::Leader, 7),

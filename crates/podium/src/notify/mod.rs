@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use podium_core::crd::NotifySpec;
 use podium_core::election::Holder;
-use podium_core::notify::fair::{self, Admit, Caps, Turns};
+use podium_core::notify::fair::{self, Admit, Caps, Held, Turns};
 use podium_core::notify::plan::{self, Delivered, GroupView, PodView};
 use podium_core::notify::{Ack, Link, NotifyRole, RoleMessage};
 
@@ -169,7 +169,7 @@ struct Task {
     groups: HashMap<GroupKey, GroupState>,
     in_flight: usize,
     /// Counted at each send's start and end, across leadership changes, like `in_flight`.
-    in_flight_by_namespace: HashMap<String, usize>,
+    in_flight_by_namespace: HashMap<String, Held>,
     /// Groups that had due sends and no slot for them.
     turns: Turns<GroupKey>,
     known: Arc<Mutex<HashSet<GroupKey>>>,
@@ -209,8 +209,9 @@ impl Task {
                 Some(answer) = answers.recv() => {
                     self.in_flight -= 1;
                     if let Some(held) = self.in_flight_by_namespace.get_mut(&answer.key.0) {
-                        *held -= 1;
-                        if *held == 0 {
+                        held.all -= 1;
+                        held.long -= usize::from(fair::is_long(answer.role));
+                        if held.all == 0 {
                             self.in_flight_by_namespace.remove(&answer.key.0);
                         }
                     }
@@ -359,30 +360,30 @@ impl Task {
         }
     }
 
-    fn namespace_in_flight(&self, namespace: &str) -> usize {
+    fn held(&self, namespace: &str) -> Held {
         self.in_flight_by_namespace
             .get(namespace)
             .copied()
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
     /// Plans the group and starts its sends, as many as the caps let it.
     fn drive(&mut self, key: &GroupKey, answers: &mpsc::Sender<Answer>) {
         let now = self.now();
         let since = self.since;
-        if !self.groups.contains_key(key) {
+        let no_slot = self.turns.is_waiting(key)
+            && fair::admit(&CAPS, self.in_flight, self.held(&key.0), false) != Admit::Now;
+        let Some(group) = self.groups.get_mut(key) else {
             self.turns.served(key);
             return;
-        }
-        if self.turns.is_waiting(key)
-            && fair::admit(&CAPS, self.in_flight, self.namespace_in_flight(&key.0)) != Admit::Now
-        {
-            // Still no slot for it: it keeps its turn, and is planned once one frees.
-            return;
-        }
-        let Some(group) = self.groups.get_mut(key) else {
-            return;
         };
+        if no_slot {
+            // It keeps its turn, and the answer that frees a slot brings it back (every slot
+            // it waits for is held by a send that ends with an answer); a wake-up in the past
+            // would only bring it back here at once, again and again.
+            group.wake_at = None;
+            return;
+        }
         let addresses: Vec<(Option<String>, bool)> = group
             .pods
             .iter()
@@ -449,23 +450,27 @@ impl Task {
                 deferred = true;
                 continue;
             }
-            let in_namespace = self
+            let held = self
                 .in_flight_by_namespace
                 .get(&key.0)
                 .copied()
-                .unwrap_or(0);
-            if fair::admit(&CAPS, self.in_flight, in_namespace) != Admit::Now {
-                // The caps only tighten as sends start: nothing after this fits either.
+                .unwrap_or_default();
+            let long = fair::is_long(role);
+            if fair::admit(&CAPS, self.in_flight, held, long) != Admit::Now {
+                // The caps only tighten as sends start, and the sends are in order of
+                // urgency, long ones last: nothing after this fits either.
                 waiting = true;
                 break;
             }
             let pod = group.pods.get_mut(name).expect("planned pods exist");
             pod.busy = true;
             self.in_flight += 1;
-            *self
+            let held = self
                 .in_flight_by_namespace
                 .entry(key.0.clone())
-                .or_default() += 1;
+                .or_default();
+            held.all += 1;
+            held.long += usize::from(long);
             let message = RoleMessage {
                 group: format!("{}/{}", key.0, key.1),
                 pod: name.clone(),
