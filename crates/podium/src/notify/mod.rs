@@ -209,8 +209,10 @@ impl Task {
                 Some(answer) = answers.recv() => {
                     self.in_flight -= 1;
                     if let Some(held) = self.in_flight_by_namespace.get_mut(&answer.key.0) {
-                        held.all -= 1;
-                        held.long -= usize::from(fair::is_long(answer.role));
+                        held.all = held.all.saturating_sub(1);
+                        held.long = held
+                            .long
+                            .saturating_sub(usize::from(fair::is_long(answer.role)));
                         if held.all == 0 {
                             self.in_flight_by_namespace.remove(&answer.key.0);
                         }
