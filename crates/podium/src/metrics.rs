@@ -35,6 +35,11 @@ pub struct RenewalLabels {
 pub const RENEWAL_RESULTS: [&str; 3] = ["renewed", "failed", "handed_back"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NotifyLabels {
     /// `accepted`, `refused`, or why the send failed (`timeout`, `unreachable`, ...).
     pub result: String,
@@ -54,6 +59,7 @@ pub struct Metrics {
     client: ClientMetrics,
     notifications: Family<NotifyLabels, Counter>,
     notify_seconds: Histogram,
+    notify_waits: Family<NamespaceLabels, Counter>,
     activation_wait_seconds: Histogram,
     /// Whether each known group has a leader; the two group gauges are derived from it.
     led: Mutex<HashMap<GroupLabels, bool>>,
@@ -145,6 +151,12 @@ impl Metrics {
             "From sending a role notification to the pod's answer (a demotion is answered once the pod's command stopped)",
             notify_seconds.clone(),
         );
+        let notify_waits = Family::<NamespaceLabels, Counter>::default();
+        registry.register(
+            "notification_waits",
+            "Times a group's due role notifications had to wait for a free send slot (its namespace's share, or the pool, was in use), by namespace",
+            notify_waits.clone(),
+        );
         let activation_wait_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 18));
         registry.register(
             "activation_wait_seconds",
@@ -165,6 +177,7 @@ impl Metrics {
             client,
             notifications,
             notify_seconds,
+            notify_waits,
             activation_wait_seconds,
             led: Mutex::new(HashMap::new()),
         }
@@ -207,6 +220,15 @@ impl Metrics {
             })
             .inc();
         self.notify_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A group in `namespace` started waiting for a send slot.
+    pub fn notify_waited(&self, namespace: &str) {
+        self.notify_waits
+            .get_or_create(&NamespaceLabels {
+                namespace: namespace.into(),
+            })
+            .inc();
     }
 
     pub fn notify_activated(&self, waited: Duration) {
@@ -293,6 +315,7 @@ mod tests {
         m.operator_leader(true);
         m.notify_sent("timeout", Duration::from_secs(15));
         m.notify_activated(Duration::from_millis(3));
+        m.notify_waited("crowded");
         m.renewal("renewed");
         let text = m.encode();
         for needle in [
@@ -309,6 +332,7 @@ mod tests {
             "podium_notifications_total{result=\"timeout\"} 1",
             "podium_notification_seconds_count 1",
             "podium_activation_wait_seconds_count 1",
+            "podium_notification_waits_total{namespace=\"crowded\"} 1",
             "podium_renewals_total{result=\"renewed\"} 1",
             "podium_renewals_total{result=\"failed\"} 0",
             "podium_renewals_total{result=\"handed_back\"} 0",

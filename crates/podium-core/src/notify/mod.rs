@@ -8,7 +8,9 @@
 //! - [`activation`]: the operator's side: when a newly elected pod may be told `leader`
 //!   (break-before-make at the process level).
 //! - [`plan`]: what the operator sends to one group's pods now, and when it looks again.
+//! - [`fair`]: how the groups of all tenants share the operator's sends.
 pub mod activation;
+pub mod fair;
 pub mod message;
 pub mod plan;
 pub mod receiver;

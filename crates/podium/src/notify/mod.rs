@@ -4,6 +4,11 @@
 //! Sends never hold a reconcile: updates go through a bounded queue, and each send is a task
 //! of its own, at most one per pod in flight.
 //!
+//! Tenants share the sends in flight ([`podium_core::notify::fair`]): each namespace holds at
+//! most its share of them, groups that had to wait for a slot take the next ones in turn, and
+//! only a demotion may take long to answer. So pods that accept connections and never answer
+//! cost their own namespace its share, and no other namespace its renewals.
+//!
 //! Only the replica that holds the operator claim sends, checked before each send; a replica
 //! that (re)gains it starts from nothing, and activates nobody new for one term (see
 //! `activation::decide`'s `since`).
@@ -22,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use podium_core::crd::NotifySpec;
 use podium_core::election::Holder;
+use podium_core::notify::fair::{self, Admit, Caps, Held, Turns};
 use podium_core::notify::plan::{self, Delivered, GroupView, PodView};
 use podium_core::notify::{Ack, Link, NotifyRole, RoleMessage};
 
@@ -33,8 +39,8 @@ use crate::metrics::Metrics;
 /// Group updates waiting for the notifier, at most; more means the notifier cannot keep up,
 /// and a dropped update is repeated by the group's next reconcile.
 const QUEUE: usize = 4096;
-/// Sends in flight at once, over all groups.
-const MAX_IN_FLIGHT: usize = 256;
+/// Sends in flight at once: over all groups, and per namespace.
+const CAPS: Caps = Caps::DEFAULT;
 /// Backoff after a failed or refused send: 0, 50, 100, 200 ms, ... up to 2 s.
 const BACKOFF_STEP: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -93,6 +99,8 @@ impl Notifier {
             since: 0,
             groups: HashMap::new(),
             in_flight: 0,
+            in_flight_by_namespace: HashMap::new(),
+            turns: Turns::default(),
             known: known.clone(),
         };
         tokio::spawn(task.run(queued));
@@ -160,6 +168,10 @@ struct Task {
     since: u64,
     groups: HashMap<GroupKey, GroupState>,
     in_flight: usize,
+    /// Counted at each send's start and end, across leadership changes, like `in_flight`.
+    in_flight_by_namespace: HashMap<String, Held>,
+    /// Groups that had due sends and no slot for them.
+    turns: Turns<GroupKey>,
     known: Arc<Mutex<HashSet<GroupKey>>>,
 }
 
@@ -169,7 +181,7 @@ impl Task {
     }
 
     async fn run(mut self, mut updates: mpsc::Receiver<GroupUpdate>) {
-        let (answers_tx, mut answers) = mpsc::channel::<Answer>(MAX_IN_FLIGHT);
+        let (answers_tx, mut answers) = mpsc::channel::<Answer>(CAPS.total);
         let mut was_leading = *self.leading.borrow();
         self.since = self.now();
         loop {
@@ -196,10 +208,18 @@ impl Task {
                 },
                 Some(answer) = answers.recv() => {
                     self.in_flight -= 1;
+                    if let Some(held) = self.in_flight_by_namespace.get_mut(&answer.key.0) {
+                        held.all = held.all.saturating_sub(1);
+                        held.long = held
+                            .long
+                            .saturating_sub(usize::from(fair::is_long(answer.role)));
+                        if held.all == 0 {
+                            self.in_flight_by_namespace.remove(&answer.key.0);
+                        }
+                    }
                     let key = answer.key.clone();
                     self.answered(answer);
-                    // A freed slot may let another group send.
-                    if self.in_flight + 1 == MAX_IN_FLIGHT { self.groups.keys().cloned().collect() } else { vec![key] }
+                    vec![key]
                 }
                 changed = self.leading.changed() => {
                     if changed.is_err() { return; }
@@ -208,6 +228,7 @@ impl Task {
                         was_leading = leading;
                         // Whatever this replica knew may be stale by now: start from nothing.
                         self.groups.clear();
+                        self.turns.clear();
                         self.known.lock().expect("notifier set poisoned").clear();
                         self.since = self.now();
                     }
@@ -222,7 +243,9 @@ impl Task {
                         .collect()
                 }
             };
-            for key in touched {
+            // Groups that waited for a slot go first, in turn: a freed slot is theirs, and a
+            // group touched now must not take it from them.
+            for key in self.turns.order(touched) {
                 self.drive(&key, &answers_tx);
             }
         }
@@ -339,13 +362,30 @@ impl Task {
         }
     }
 
-    /// Plans the group and starts its sends.
+    fn held(&self, namespace: &str) -> Held {
+        self.in_flight_by_namespace
+            .get(namespace)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Plans the group and starts its sends, as many as the caps let it.
     fn drive(&mut self, key: &GroupKey, answers: &mpsc::Sender<Answer>) {
         let now = self.now();
         let since = self.since;
+        let no_slot = self.turns.is_waiting(key)
+            && fair::admit(&CAPS, self.in_flight, self.held(&key.0), false) != Admit::Now;
         let Some(group) = self.groups.get_mut(key) else {
+            self.turns.served(key);
             return;
         };
+        if no_slot {
+            // It keeps its turn, and the answer that frees a slot brings it back (every slot
+            // it waits for is held by a send that ends with an answer); a wake-up in the past
+            // would only bring it back here at once, again and again.
+            group.wake_at = None;
+            return;
+        }
         let addresses: Vec<(Option<String>, bool)> = group
             .pods
             .iter()
@@ -397,19 +437,42 @@ impl Task {
             .collect();
         let names: Vec<String> = group.pods.keys().cloned().collect();
         group.wake_at = planned.wake_at;
+        let mut sends = planned.sends;
+        sends.sort_by_key(|&(index, role)| fair::urgency(role, group.pods[&names[index]].failures));
+        // No claim: look again soon. No slot: the group waits its turn, and the next freed
+        // slot brings it back.
         let mut deferred = false;
-        for (index, role) in planned.sends {
+        let mut waiting = false;
+        for (index, role) in sends {
             let name = &names[index];
             let Some(ip) = addresses[index].0.clone() else {
                 continue;
             };
-            if self.in_flight >= MAX_IN_FLIGHT || !self.claim.borrow().is_current() {
+            if !self.claim.borrow().is_current() {
                 deferred = true;
                 continue;
+            }
+            let held = self
+                .in_flight_by_namespace
+                .get(&key.0)
+                .copied()
+                .unwrap_or_default();
+            let long = fair::is_long(role);
+            if fair::admit(&CAPS, self.in_flight, held, long) != Admit::Now {
+                // The caps only tighten as sends start, and the sends are in order of
+                // urgency, long ones last: nothing after this fits either.
+                waiting = true;
+                break;
             }
             let pod = group.pods.get_mut(name).expect("planned pods exist");
             pod.busy = true;
             self.in_flight += 1;
+            let held = self
+                .in_flight_by_namespace
+                .entry(key.0.clone())
+                .or_default();
+            held.all += 1;
+            held.long += usize::from(long);
             let message = RoleMessage {
                 group: format!("{}/{}", key.0, key.1),
                 pod: name.clone(),
@@ -456,6 +519,13 @@ impl Task {
             let retry = now + BACKOFF_STEP.as_millis() as u64;
             group.wake_at = Some(group.wake_at.map_or(retry, |w| w.min(retry)));
         }
+        if waiting {
+            if self.turns.wait(key.clone()) {
+                self.metrics.notify_waited(&key.0);
+            }
+        } else {
+            self.turns.served(key);
+        }
         for name in forget {
             if !group.pods[&name].busy {
                 group.pods.remove(&name);
@@ -463,6 +533,7 @@ impl Task {
         }
         if group.notify.is_none() && group.pods.is_empty() {
             self.groups.remove(key);
+            self.turns.served(key);
         }
     }
 }

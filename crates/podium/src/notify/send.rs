@@ -8,11 +8,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use podium_core::notify::{Ack, RoleMessage};
+use podium_core::notify::{Ack, RoleMessage, fair};
 
-/// A demotion is answered only once the pod's command has exited, which `podium exec` allows
-/// 10 s by default before it kills it.
-const TIMEOUT: Duration = Duration::from_secs(15);
 /// Larger answers are not acks.
 const MAX_ANSWER: usize = 16 * 1024;
 
@@ -60,7 +57,9 @@ impl Default for Sender {
 
 impl Sender {
     /// Sends `message` to `url` and returns the pod's ack: taken (200) or refused as stale
-    /// (409), both with the pod's state.
+    /// (409), both with the pod's state. Only a demotion may take long to answer
+    /// ([`fair::timeout_millis`]): a pod that holds any other message holds a slot of the
+    /// notifier's pool.
     pub async fn send(
         &self,
         url: &str,
@@ -87,9 +86,11 @@ impl Sender {
                 .to_bytes();
             Ok::<_, SendError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(TIMEOUT, exchange)
+        let timeout =
+            Duration::from_millis(fair::timeout_millis(message.role, message.term_millis));
+        let (status, body) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| SendError::Timeout(TIMEOUT))??;
+            .map_err(|_| SendError::Timeout(timeout))??;
         match status {
             StatusCode::OK | StatusCode::CONFLICT => {
                 serde_json::from_slice(&body).map_err(|e| SendError::BadAnswer(e.to_string()))
