@@ -167,13 +167,30 @@ fn group(name: &str, app: &str, port: u16) -> podium::crd::ElectionGroup {
     .unwrap()
 }
 
-/// `podium exec`'s `/role` view: `role`, `running`, `termRemainingMillis`, ...
-async fn role_view(ip: &str) -> Option<Value> {
+/// A token the operator's ServiceAccount could send pod `uid` of group `ns/group`: `/role`
+/// shows the term only to such a token.
+async fn token_for(client: &kube::Client, ns: &str, group: &str, uid: &str) -> String {
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), ns);
+    let request = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [podium_core::notify::audience(ns, group, uid)], "expirationSeconds": 600},
+    });
+    let granted: k8s_openapi::api::authentication::v1::TokenRequest = accounts
+        .create_subresource("token", OPERATOR_ACCOUNT, &PostParams::default(), &request)
+        .await
+        .expect("TokenRequest");
+    granted.status.and_then(|s| s.token).expect("a token")
+}
+
+/// `podium exec`'s full `/role` view: `role`, `running`, `termRemainingMillis`, ...
+async fn role_view(ip: &str, token: &str) -> Option<Value> {
     let read = async {
         let mut stream = tokio::net::TcpStream::connect((ip, NOTIFY_PORT))
             .await
             .ok()?;
-        let request = format!("GET /role HTTP/1.0\r\nHost: {ip}\r\n\r\n");
+        let request =
+            format!("GET /role HTTP/1.0\r\nHost: {ip}\r\nAuthorization: Bearer {token}\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await.ok()?;
@@ -244,6 +261,7 @@ async fn pods_that_never_answer_do_not_starve_another_namespace() {
     )
     .await;
     let leader_ip = work.pods[&leader.pod].ip.clone();
+    let token = token_for(&client, &ns_b, "work", &work.pods[&leader.pod].uid).await;
     println!("B's leader {} runs (epoch {})", leader.pod, leader.epoch);
 
     // The flood: A's groups elect leaders and tell all 300 pods their roles; none answers.
@@ -262,7 +280,7 @@ async fn pods_that_never_answer_do_not_starve_another_namespace() {
     let mut not_leading = Vec::new();
     let mut least_term_left = u64::MAX;
     while flood.elapsed() < FLOOD {
-        match role_view(&leader_ip).await {
+        match role_view(&leader_ip, &token).await {
             Some(view)
                 if view["role"] == "leader"
                     && view["running"] == true
