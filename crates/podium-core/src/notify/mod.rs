@@ -8,10 +8,12 @@
 //! - [`activation`]: the operator's side: when a newly elected pod may be told `leader`
 //!   (break-before-make at the process level).
 //! - [`plan`]: what the operator sends to one group's pods now, and when it looks again.
+//! - [`stall`]: which members keep their group from following the operator, to report.
 pub mod activation;
 pub mod message;
 pub mod plan;
 pub mod receiver;
+pub mod stall;
 
 pub use activation::{Activation, Link, Other, decide as decide_activation, drift_margin_millis};
 pub use message::{Ack, NotifyRole, RoleMessage};
