@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::{Decision, Outcome, Overlap, SwitchoverDecision};
 use crate::crd::conditions::{self, reasons};
 use crate::crd::{ElectionGroupStatus, LeaderTransition, SwitchoverOutcome};
-use crate::notify::stall::{Stall, Stalled};
+use crate::notify::stall::{Stall, Stalled, describe};
 
 /// At most this many names in a condition message; the rest are counted.
 const MAX_NAMES_IN_MESSAGE: usize = 5;
@@ -226,7 +226,7 @@ pub fn notifications(
     let mut parts: Vec<String> = stalled
         .iter()
         .take(MAX_NAMES_IN_MESSAGE)
-        .map(|s| stall_message(&s.pod, &s.stall))
+        .map(describe)
         .collect();
     let mut names: Vec<&str> = stalled
         .iter()
@@ -254,20 +254,6 @@ pub fn notifications(
         generation,
         now,
     )
-}
-
-fn stall_message(pod: &str, stall: &Stall) -> String {
-    match stall {
-        Stall::EpochAhead {
-            pod_epoch,
-            group_epoch,
-        } => format!(
-            "pod {pod} holds epoch {pod_epoch}, above the group's epoch {group_epoch}, and refuses every notification until its process restarts"
-        ),
-        Stall::RunningUngranted { epoch } => format!(
-            "pod {pod} says it runs leader-only work at epoch {epoch}, which this operator never granted it, more than a term after it started sending"
-        ),
-    }
 }
 
 fn condition(

@@ -116,6 +116,22 @@ pub fn stalled(group: &Group<'_>) -> Vec<Stalled> {
         .collect()
 }
 
+/// One stalled pod in a sentence, for the group's condition and Event.
+pub fn describe(stalled: &Stalled) -> String {
+    let pod = &stalled.pod;
+    match stalled.stall {
+        Stall::EpochAhead {
+            pod_epoch,
+            group_epoch,
+        } => format!(
+            "pod {pod} holds epoch {pod_epoch}, above the group's epoch {group_epoch}, and refuses every notification until its process restarts"
+        ),
+        Stall::RunningUngranted { epoch } => format!(
+            "pod {pod} says it runs leader-only work at epoch {epoch}, which this operator never granted it, more than a term after it started sending"
+        ),
+    }
+}
+
 /// The stalls in `now` that were not in `before` with the same cause: each deserves one
 /// announcement.
 pub fn started<'a>(before: &[Stalled], now: &'a [Stalled]) -> Vec<&'a Stalled> {
