@@ -638,7 +638,8 @@ fn notifications_condition_names_stalled_pods_the_epochs_and_the_remedy() {
         pod: "web-2".into(),
         stall: Stall::RunningUngranted { epoch: 3 },
     };
-    let only_running = status::notifications(Some(&st), &[running.clone()], Some(3), t(200));
+    let only_running =
+        status::notifications(Some(&st), std::slice::from_ref(&running), Some(3), t(200));
     assert_eq!(
         (only_running.status.as_str(), only_running.reason.as_str()),
         ("True", "PodRunningUngranted")
