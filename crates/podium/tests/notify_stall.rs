@@ -438,3 +438,146 @@ async fn a_group_created_again_under_its_name_names_the_pods_still_at_the_old_ep
     assert_eq!(fresh.pod, "web-4");
     operator.stop().await;
 }
+
+/// A pod that is not `podium exec`: it takes every message and says its leader-only work runs
+/// at the message's epoch, whatever it was told. Serves until the test ends.
+async fn liar(ip: &str) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((ip, podium_testkit::leader_process::NOTIFY_PORT))
+        .await
+        .expect("the liar listens");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                // One request per connection, at most 64 KiB: enough for a role message.
+                while request.len() < 64 * 1024 {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse::<usize>().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() < length {
+                        continue;
+                    }
+                    let message: Value = serde_json::from_str(body).unwrap_or_default();
+                    let epoch = message["epoch"].as_u64().unwrap_or(0);
+                    let ack = json!({
+                        "nonce": format!("liar-{}", request.len()),
+                        "epoch": epoch, "running": true, "accepted": true,
+                    })
+                    .to_string();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ack}",
+                        ack.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    return;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_claiming_a_term_it_was_never_granted_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ns, members, operator) = setup("stall-liar", 2, dir.path()).await;
+    let client = Testbed::shared().client();
+    let first = next_run(&members, 0, None).await;
+
+    // A member joins that says it runs leader-only work at every epoch it hears of, though
+    // nobody granted it a term: more than a term after the operator started sending.
+    let ip = format!("127.253.{}.1", std::process::id() % 250);
+    let _server = liar(&ip).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = serde_json::from_value(json!({
+        "metadata": { "name": "liar", "labels": { "app": "web" } },
+        "spec": { "containers": [{ "name": "app", "image": "app" }] },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create the liar's pod");
+    use podium_testkit::testbed::kubelet::{bind_pod, finalize_deletion, set_pod_running_ready};
+    bind_pod(&client, &ns, "liar", &format!("node-{ns}"))
+        .await
+        .expect("bind");
+    set_pod_running_ready(&client, &ns, "liar", &ip)
+        .await
+        .expect("ready");
+
+    let (stalled, took) = wait_condition(
+        &client,
+        &ns,
+        "True",
+        "PodRunningUngranted",
+        Duration::from_secs(10),
+    )
+    .await;
+    println!(
+        "{STALLED}=True {} {took:?} after the liar was Ready: {}",
+        stalled.reason, stalled.message
+    );
+    let needle = format!(
+        "pod liar says it runs leader-only work at epoch {}, which this operator never granted it",
+        first.epoch
+    );
+    assert!(
+        stalled.message.contains(&needle),
+        "missing {needle:?} in {}",
+        stalled.message
+    );
+    assert!(!stalled.message.contains(&first.pod), "{}", stalled.message);
+    assert_eq!(
+        gauge(&operator, &ns, "running_ungranted").as_deref(),
+        Some("1")
+    );
+    assert_eq!(gauge(&operator, &ns, "epoch_ahead").as_deref(), Some("0"));
+    let event = wait_for(Duration::from_secs(5), "the stall's Event", || async {
+        stall_events(&client, &ns).await.into_iter().next()
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    println!("Event {STALLED}: {note}");
+    assert!(note.contains("pod liar says it runs"), "{note}");
+
+    pods.delete("liar", &DeleteParams::default())
+        .await
+        .expect("delete the liar");
+    finalize_deletion(&client, &ns, "liar")
+        .await
+        .expect("finalize");
+    let (cleared, took) = wait_condition(
+        &client,
+        &ns,
+        "False",
+        "AllPodsFollow",
+        Duration::from_secs(10),
+    )
+    .await;
+    println!(
+        "{STALLED}=False {} {took:?} after the delete",
+        cleared.reason
+    );
+    assert_eq!(
+        gauge(&operator, &ns, "running_ungranted").as_deref(),
+        Some("0")
+    );
+    operator.stop().await;
+}

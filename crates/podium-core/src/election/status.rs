@@ -239,8 +239,14 @@ pub fn notifications(
     }
     names.sort_unstable();
     names.dedup();
+    // Why the operator does not clear it itself, where one would expect it to.
+    let why = if reason == reasons::POD_EPOCH_AHEAD {
+        "; podium never lowers a pod's epoch nor raises the group's on a pod's word"
+    } else {
+        ""
+    };
     let message = format!(
-        "{}; podium never lowers a pod's epoch nor raises the group's on a pod's word: delete the pod to clear it (kubectl delete pod {}{}), its replacement starts a fresh podium exec",
+        "{}{why}: delete the pod to clear it (kubectl delete pod {}{}), its replacement starts a fresh podium exec",
         parts.join("; "),
         names.join(" "),
         if more > 0 { " ..." } else { "" }

@@ -654,6 +654,13 @@ fn notifications_condition_names_stalled_pods_the_epochs_and_the_remedy() {
         "{}",
         only_running.message
     );
+    assert!(
+        only_running.message.contains(
+            "never granted it, more than a term after it started sending: delete the pod"
+        ),
+        "{}",
+        only_running.message
+    );
     // A change of status moves the transition time.
     assert_eq!(only_running.last_transition_time, Time(t(200)));
 
