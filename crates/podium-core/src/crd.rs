@@ -382,6 +382,9 @@ pub mod conditions {
     pub const PAUSED: &str = "Paused";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const DEGRADED: &str = "Degraded";
+    /// Only on groups with `spec.notify`: whether a member refuses or defies the operator's
+    /// notifications until its pod is deleted (`notify::stall`).
+    pub const NOTIFICATIONS_STALLED: &str = "NotificationsStalled";
 
     pub const TRUE: &str = "True";
     pub const FALSE: &str = "False";
@@ -401,6 +404,9 @@ pub mod conditions {
         pub const API_ERROR: &str = "ApiError";
         pub const FORBIDDEN: &str = "Forbidden";
         pub const HEALTHY: &str = "Healthy";
+        pub const POD_EPOCH_AHEAD: &str = "PodEpochAhead";
+        pub const POD_RUNNING_UNGRANTED: &str = "PodRunningUngranted";
+        pub const ALL_PODS_FOLLOW: &str = "AllPodsFollow";
     }
 }
 

@@ -134,7 +134,7 @@ pub async fn run(
             claim: claim.clone(),
             metrics: metrics.clone(),
         },
-        decide,
+        decide.clone(),
     );
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -160,6 +160,7 @@ pub async fn run(
             leading.clone(),
             claim.clone(),
             metrics.clone(),
+            decide,
         ),
         metrics,
         leading,

@@ -8,6 +8,10 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, Recorder};
 use tokio::sync::mpsc;
 
+/// The reason of the Warning Event that names a member which started stalling its group's
+/// notifications (`podium_core::notify::stall`).
+pub const NOTIFICATIONS_STALLED: &str = "NotificationsStalled";
+
 /// Events waiting to be sent, at most.
 const QUEUE: usize = 4096;
 

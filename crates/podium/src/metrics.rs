@@ -45,6 +45,18 @@ pub struct NotifyLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StalledLabels {
+    pub namespace: String,
+    pub group: String,
+    /// One of [`STALL_REASONS`].
+    pub reason: &'static str,
+}
+
+/// Why a pod stalls its group, as [`Metrics::notify_stalled`] labels it: its epoch is above the
+/// group's, or it says it runs leader-only work at an epoch this replica never granted.
+pub const STALL_REASONS: [&str; 2] = ["epoch_ahead", "running_ungranted"];
+
 pub struct Metrics {
     registry: Registry,
     leader_changes: Family<GroupLabels, Counter>,
@@ -61,6 +73,7 @@ pub struct Metrics {
     notify_seconds: Histogram,
     notify_waits: Family<NamespaceLabels, Counter>,
     activation_wait_seconds: Histogram,
+    notify_stalled_pods: Family<StalledLabels, Gauge>,
     /// Whether each known group has a leader; the two group gauges are derived from it.
     led: Mutex<HashMap<GroupLabels, bool>>,
 }
@@ -163,6 +176,12 @@ impl Metrics {
             "How long a new leader waited, told pending, until no other pod could still run leader-only work",
             activation_wait_seconds.clone(),
         );
+        let notify_stalled_pods = Family::<StalledLabels, Gauge>::default();
+        registry.register(
+            "notify_stalled_pods",
+            "Members of a group with spec.notify that stall it until their pod is deleted, by reason: epoch_ahead (refuses every notification) or running_ungranted (says it runs leader-only work this replica never granted)",
+            notify_stalled_pods.clone(),
+        );
         Metrics {
             registry,
             leader_changes,
@@ -179,6 +198,7 @@ impl Metrics {
             notify_seconds,
             notify_waits,
             activation_wait_seconds,
+            notify_stalled_pods,
             led: Mutex::new(HashMap::new()),
         }
     }
@@ -233,6 +253,31 @@ impl Metrics {
 
     pub fn notify_activated(&self, waited: Duration) {
         self.activation_wait_seconds.observe(waited.as_secs_f64());
+    }
+
+    /// How many of a notified group's members stall it, per reason, in the order of
+    /// [`STALL_REASONS`].
+    pub fn notify_stalled(&self, namespace: &str, group: &str, counts: [usize; 2]) {
+        for (reason, count) in STALL_REASONS.into_iter().zip(counts) {
+            self.notify_stalled_pods
+                .get_or_create(&StalledLabels {
+                    namespace: namespace.into(),
+                    group: group.into(),
+                    reason,
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The group no longer asks for notifications, or this replica stopped sending them.
+    pub fn notify_stalled_removed(&self, namespace: &str, group: &str) {
+        for reason in STALL_REASONS {
+            self.notify_stalled_pods.remove(&StalledLabels {
+                namespace: namespace.into(),
+                group: group.into(),
+                reason,
+            });
+        }
     }
 
     pub fn operator_leader(&self, leading: bool) {
@@ -317,7 +362,11 @@ mod tests {
         m.notify_activated(Duration::from_millis(3));
         m.notify_waited("crowded");
         m.renewal("renewed");
+        m.notify_stalled("ns", "web", [1, 0]);
+        m.notify_stalled("ns", "gone", [0, 2]);
+        m.notify_stalled_removed("ns", "gone");
         let text = m.encode();
+        assert!(!text.contains("group=\"gone\""), "{text}");
         for needle in [
             "podium_leader_changes_total{namespace=\"ns\",group=\"web\"} 1",
             "podium_failover_seconds_count 1",
@@ -336,6 +385,8 @@ mod tests {
             "podium_renewals_total{result=\"renewed\"} 1",
             "podium_renewals_total{result=\"failed\"} 0",
             "podium_renewals_total{result=\"handed_back\"} 0",
+            "podium_notify_stalled_pods{namespace=\"ns\",group=\"web\",reason=\"epoch_ahead\"} 1",
+            "podium_notify_stalled_pods{namespace=\"ns\",group=\"web\",reason=\"running_ungranted\"} 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::{Decision, Outcome, Overlap, SwitchoverDecision};
 use crate::crd::conditions::{self, reasons};
 use crate::crd::{ElectionGroupStatus, LeaderTransition, SwitchoverOutcome};
+use crate::notify::stall::{Stall, Stalled, describe};
 
 /// At most this many names in a condition message; the rest are counted.
 const MAX_NAMES_IN_MESSAGE: usize = 5;
@@ -191,6 +192,74 @@ pub fn invalid(
     status.conditions.push(invalid);
     status.observed_generation = generation;
     status
+}
+
+/// The `NotificationsStalled` condition of a group with `spec.notify`, from the pods the
+/// notifier found stalling it ([`crate::notify::stall`]). The message names each pod, its
+/// epochs and the remedy, since the operator itself never clears a stall.
+pub fn notifications(
+    previous: Option<&ElectionGroupStatus>,
+    stalled: &[Stalled],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    if stalled.is_empty() {
+        return condition(
+            previous,
+            conditions::NOTIFICATIONS_STALLED,
+            false,
+            reasons::ALL_PODS_FOLLOW,
+            "every member takes the operator's notifications".into(),
+            generation,
+            now,
+        );
+    }
+    // The stall that blocks every genuine message names the condition when there are both.
+    let reason = if stalled
+        .iter()
+        .any(|s| matches!(s.stall, Stall::EpochAhead { .. }))
+    {
+        reasons::POD_EPOCH_AHEAD
+    } else {
+        reasons::POD_RUNNING_UNGRANTED
+    };
+    let mut parts: Vec<String> = stalled
+        .iter()
+        .take(MAX_NAMES_IN_MESSAGE)
+        .map(describe)
+        .collect();
+    let mut names: Vec<&str> = stalled
+        .iter()
+        .take(MAX_NAMES_IN_MESSAGE)
+        .map(|s| s.pod.as_str())
+        .collect();
+    let more = stalled.len().saturating_sub(MAX_NAMES_IN_MESSAGE);
+    if more > 0 {
+        parts.push(format!("and {more} more"));
+    }
+    names.sort_unstable();
+    names.dedup();
+    // Why the operator does not clear it itself, where one would expect it to.
+    let why = if reason == reasons::POD_EPOCH_AHEAD {
+        "; podium never lowers a pod's epoch nor raises the group's on a pod's word"
+    } else {
+        ""
+    };
+    let message = format!(
+        "{}{why}: delete the pod to clear it (kubectl delete pod {}{}), its replacement starts a fresh podium exec",
+        parts.join("; "),
+        names.join(" "),
+        if more > 0 { " ..." } else { "" }
+    );
+    condition(
+        previous,
+        conditions::NOTIFICATIONS_STALLED,
+        true,
+        reason,
+        message,
+        generation,
+        now,
+    )
 }
 
 fn condition(

@@ -613,6 +613,93 @@ fn status_reports_leader_and_conditions() {
 }
 
 #[test]
+fn notifications_condition_names_stalled_pods_the_epochs_and_the_remedy() {
+    use crate::notify::stall::{Stall, Stalled};
+    let (mut st, _) = first_election();
+    let follow = status::notifications(Some(&st), &[], Some(3), t(100));
+    assert_eq!(
+        (
+            follow.type_.as_str(),
+            follow.status.as_str(),
+            follow.reason.as_str()
+        ),
+        ("NotificationsStalled", "False", "AllPodsFollow")
+    );
+    st.conditions.push(follow.clone());
+
+    let ahead = Stalled {
+        pod: "web-1".into(),
+        stall: Stall::EpochAhead {
+            pod_epoch: 1000,
+            group_epoch: 3,
+        },
+    };
+    let running = Stalled {
+        pod: "web-2".into(),
+        stall: Stall::RunningUngranted { epoch: 3 },
+    };
+    let only_running =
+        status::notifications(Some(&st), std::slice::from_ref(&running), Some(3), t(200));
+    assert_eq!(
+        (only_running.status.as_str(), only_running.reason.as_str()),
+        ("True", "PodRunningUngranted")
+    );
+    assert!(
+        only_running.message.contains("pod web-2"),
+        "{}",
+        only_running.message
+    );
+    assert!(
+        only_running.message.contains("epoch 3"),
+        "{}",
+        only_running.message
+    );
+    assert!(
+        only_running.message.contains(
+            "never granted it, more than a term after it started sending: delete the pod"
+        ),
+        "{}",
+        only_running.message
+    );
+    // A change of status moves the transition time.
+    assert_eq!(only_running.last_transition_time, Time(t(200)));
+
+    let both = status::notifications(Some(&st), &[ahead, running], Some(3), t(200));
+    assert_eq!(
+        (both.status.as_str(), both.reason.as_str()),
+        ("True", "PodEpochAhead")
+    );
+    for needle in [
+        "pod web-1 holds epoch 1000, above the group's epoch 3",
+        "pod web-2 says it runs leader-only work at epoch 3",
+        "delete the pod to clear it (kubectl delete pod web-1 web-2)",
+    ] {
+        assert!(
+            both.message.contains(needle),
+            "missing {needle:?} in {}",
+            both.message
+        );
+    }
+    // Another stall while stalled already: the message changes, the transition time does not.
+    st.conditions.retain(|c| c.type_ != "NotificationsStalled");
+    st.conditions.push(both.clone());
+    let later = status::notifications(Some(&st), &[only_running_pod("web-3")], Some(3), t(300));
+    assert_eq!(later.last_transition_time, Time(t(200)));
+
+    let many: Vec<Stalled> = (0..8).map(|i| only_running_pod(&format!("p{i}"))).collect();
+    let capped = status::notifications(None, &many, Some(3), t(300));
+    assert!(capped.message.contains("and 3 more"), "{}", capped.message);
+    assert!(!capped.message.contains("p5"), "{}", capped.message);
+}
+
+fn only_running_pod(name: &str) -> crate::notify::stall::Stalled {
+    crate::notify::stall::Stalled {
+        pod: name.into(),
+        stall: crate::notify::stall::Stall::RunningUngranted { epoch: 3 },
+    }
+}
+
+#[test]
 fn status_differs_in_every_field_but_condition_times_and_order() {
     let (base, _) = first_election();
     assert!(base.conditions.len() > 1);

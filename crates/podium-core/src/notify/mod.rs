@@ -9,11 +9,13 @@
 //!   (break-before-make at the process level).
 //! - [`plan`]: what the operator sends to one group's pods now, and when it looks again.
 //! - [`fair`]: how the groups of all tenants share the operator's sends.
+//! - [`stall`]: which members keep their group from following the operator, to report.
 pub mod activation;
 pub mod fair;
 pub mod message;
 pub mod plan;
 pub mod receiver;
+pub mod stall;
 
 pub use activation::{Activation, Link, Other, decide as decide_activation, drift_margin_millis};
 pub use message::{Ack, NotifyRole, RoleMessage};

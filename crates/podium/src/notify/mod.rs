@@ -14,6 +14,7 @@
 //! `activation::decide`'s `since`).
 
 mod send;
+mod stalled;
 mod token;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -29,9 +30,11 @@ use podium_core::crd::NotifySpec;
 use podium_core::election::Holder;
 use podium_core::notify::fair::{self, Admit, Caps, Held, Turns};
 use podium_core::notify::plan::{self, Delivered, GroupView, PodView};
+use podium_core::notify::stall::{self, Heard, Stalled};
 use podium_core::notify::{Ack, Link, NotifyRole, RoleMessage};
 
 pub use send::{SendError, Sender};
+pub use stalled::Stalls;
 pub use token::TokenSource;
 
 use crate::metrics::Metrics;
@@ -74,20 +77,24 @@ pub struct Notifier {
     /// Groups the notifier serves, so that a group without `spec.notify` costs nothing unless
     /// it just dropped it.
     known: Arc<Mutex<HashSet<GroupKey>>>,
+    stalls: Arc<Stalls>,
 }
 
 impl Notifier {
     /// Starts the notifier task. `tokens` is `None` when the operator has no ServiceAccount to
     /// sign with; groups asking for notifications then get a warning and nothing is sent.
+    /// Groups whose stalled members changed go to `decide` for a reconcile that reports them.
     pub fn start(
         pods: Store<ElectionPod>,
         tokens: Option<TokenSource>,
         leading: watch::Receiver<bool>,
         claim: watch::Receiver<crate::ha::Claim>,
         metrics: Arc<Metrics>,
+        decide: mpsc::UnboundedSender<ObjectRef<crate::crd::ElectionGroup>>,
     ) -> Notifier {
         let (updates, queued) = mpsc::channel(QUEUE);
         let known = Arc::new(Mutex::new(HashSet::new()));
+        let stalls = Arc::new(Stalls::default());
         let task = Task {
             pods,
             tokens: tokens.map(Arc::new),
@@ -102,9 +109,25 @@ impl Notifier {
             in_flight_by_namespace: HashMap::new(),
             turns: Turns::default(),
             known: known.clone(),
+            stalls: stalls.clone(),
+            decide,
         };
         tokio::spawn(task.run(queued));
-        Notifier { updates, known }
+        Notifier {
+            updates,
+            known,
+            stalls,
+        }
+    }
+
+    /// The members that stall the group, as the notifier last judged them.
+    pub fn stalled(&self, key: &GroupKey) -> Vec<Stalled> {
+        self.stalls.of(key)
+    }
+
+    /// The group's stalls that started since the last call, to announce once each.
+    pub fn stalls_started(&self, key: &GroupKey) -> Vec<Stalled> {
+        self.stalls.take_started(key)
     }
 
     /// Hands the group's new state to the notifier; never waits.
@@ -127,6 +150,8 @@ struct PodState {
     uid: String,
     member: bool,
     link: Link,
+    /// What this replica heard from the pod, to judge whether it stalls the group.
+    heard: Heard,
     nonce: Option<String>,
     delivered: Option<Delivered>,
     busy: bool,
@@ -173,6 +198,8 @@ struct Task {
     /// Groups that had due sends and no slot for them.
     turns: Turns<GroupKey>,
     known: Arc<Mutex<HashSet<GroupKey>>>,
+    stalls: Arc<Stalls>,
+    decide: mpsc::UnboundedSender<ObjectRef<crate::crd::ElectionGroup>>,
 }
 
 impl Task {
@@ -230,6 +257,7 @@ impl Task {
                         self.groups.clear();
                         self.turns.clear();
                         self.known.lock().expect("notifier set poisoned").clear();
+                        self.forget_stalls();
                         self.since = self.now();
                     }
                     Vec::new()
@@ -291,6 +319,7 @@ impl Task {
                 uid: target.uid.clone(),
                 member: true,
                 link: Link::default(),
+                heard: Heard::default(),
                 nonce: None,
                 delivered: None,
                 busy: false,
@@ -303,6 +332,7 @@ impl Task {
                     uid: target.uid,
                     member: true,
                     link: Link::default(),
+                    heard: Heard::default(),
                     nonce: None,
                     delivered: None,
                     busy: pod.busy,
@@ -313,6 +343,7 @@ impl Task {
             pod.member = true;
         }
         group.wake_at = Some(now);
+        self.judge_stalls(&update.key);
     }
 
     fn answered(&mut self, answer: Answer) {
@@ -327,6 +358,17 @@ impl Task {
         match answer.result {
             Ok(ack) => {
                 pod.link.answered(now, ack.epoch, ack.running);
+                let sent_at = now.saturating_sub(answer.took.as_millis() as u64);
+                let granted =
+                    (answer.role == NotifyRole::Leader && ack.accepted).then_some(answer.epoch);
+                pod.heard.answered(
+                    stall::Answer {
+                        epoch: ack.epoch,
+                        running: ack.running,
+                        sent_at,
+                    },
+                    granted,
+                );
                 pod.nonce = Some(ack.nonce);
                 if ack.accepted {
                     self.metrics.notify_sent("accepted", answer.took);
@@ -360,6 +402,7 @@ impl Task {
                 pod.failures += 1;
             }
         }
+        self.judge_stalls(&answer.key);
     }
 
     fn held(&self, namespace: &str) -> Held {

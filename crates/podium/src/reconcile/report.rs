@@ -14,6 +14,7 @@ use crate::crd::{ElectionGroup, ElectionGroupStatus, ROLE_LEADER, conditions};
 use crate::election::{self, Decision, Observation, SwitchoverDecision, SwitchoverResult};
 use crate::error::{Error, Result};
 use crate::status;
+use podium_core::notify::stall;
 
 /// After a decision was applied: metrics, and the status when it changed.
 /// Hands the group's state to the notifier: the label writes are done, so the roles it pushes
@@ -83,8 +84,25 @@ pub async fn decided(
     ) {
         transition.duration_millis = i64::try_from(took.as_millis()).ok();
     }
+    let key = (namespace, group.name_any());
+    notifications(ctx, group, &key, &mut status, now);
     if election::status::differs(previous, &status) {
         write_status(ctx, group, &status).await?;
+    }
+    for started in ctx.notifier.stalls_started(&key) {
+        tracing::warn!(namespace = %key.0, group = %key.1, pod = %started.pod, stall = ?started.stall, "a member stalls the group's notifications");
+        event(
+            ctx,
+            group,
+            EventType::Warning,
+            crate::events::NOTIFICATIONS_STALLED,
+            format!(
+                "{}; delete the pod to clear it (kubectl delete pod {} -n {}), its replacement starts a fresh podium exec",
+                stall::describe(&started),
+                started.pod,
+                key.0
+            ),
+        );
     }
     if let Some(switchover) = &decision.switchover {
         switchover_done(ctx, group, switchover);
@@ -127,7 +145,32 @@ pub async fn forbidden(
         now,
     );
     set_degraded(&mut status, conditions::reasons::FORBIDDEN, message, now);
+    if let Some(namespace) = group.namespace() {
+        notifications(ctx, group, &(namespace, group.name_any()), &mut status, now);
+    }
     let _ = write_status(ctx, group, &status).await;
+}
+
+/// Adds the `NotificationsStalled` condition to a group with `spec.notify`, from what the
+/// notifier judged last. A group without it has no such condition: leaving it out of the
+/// applied status removes it.
+fn notifications(
+    ctx: &Context,
+    group: &ElectionGroup,
+    key: &(String, String),
+    status: &mut ElectionGroupStatus,
+    now: Timestamp,
+) {
+    if group.spec.notify.is_none() {
+        return;
+    }
+    let stalled = ctx.notifier.stalled(key);
+    status.conditions.push(election::status::notifications(
+        group.status.as_ref(),
+        &stalled,
+        group.metadata.generation,
+        now,
+    ));
 }
 
 pub async fn write_status(
