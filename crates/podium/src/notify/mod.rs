@@ -119,7 +119,9 @@ struct PodState {
     uid: String,
     member: bool,
     link: Link,
-    nonce: Option<String>,
+    /// The pod's latest nonce and when it arrived: a `leader` message echoing it grants a term
+    /// that ends one term after that ([`Link::granted`]).
+    nonce: Option<(String, u64)>,
     delivered: Option<Delivered>,
     busy: bool,
     failures: u32,
@@ -304,7 +306,7 @@ impl Task {
         match answer.result {
             Ok(ack) => {
                 pod.link.answered(now, ack.epoch, ack.running);
-                pod.nonce = Some(ack.nonce);
+                pod.nonce = Some((ack.nonce, now));
                 if ack.accepted {
                     self.metrics.notify_sent("accepted", answer.took);
                     pod.failures = 0;
@@ -410,6 +412,11 @@ impl Task {
             let pod = group.pods.get_mut(name).expect("planned pods exist");
             pod.busy = true;
             self.in_flight += 1;
+            if role == NotifyRole::Leader
+                && let Some((_, received)) = &pod.nonce
+            {
+                pod.link.granted(*received);
+            }
             let message = RoleMessage {
                 group: format!("{}/{}", key.0, key.1),
                 pod: name.clone(),
@@ -418,7 +425,7 @@ impl Task {
                 leader: group.leader.as_ref().map(|h| h.name.clone()),
                 epoch: group.epoch,
                 term_millis: group.term_millis,
-                nonce: pod.nonce.clone(),
+                nonce: pod.nonce.as_ref().map(|(nonce, _)| nonce.clone()),
             };
             let url = format!(
                 "http://{}:{}{}",
