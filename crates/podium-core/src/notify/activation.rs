@@ -2,15 +2,19 @@
 //! level. The label, and so traffic, moves at once; leader-only work starts only once no other
 //! pod can still be running it (docs/design.md, "Your app and its role").
 //!
-//! A pod's term runs from a nonce the pod issued, and the operator echoes only nonces it has
-//! received, so a pod's term ends before the operator's receipt of its latest answer plus one
-//! term, whatever the network delays. Each pod other than the new leader must therefore be:
+//! A pod's term comes only from `leader` messages, each echoing a nonce the pod issued and the
+//! operator received, so the term a message grants ends before the operator's receipt of the
+//! nonce it echoes plus one term, whatever the network delays. Each pod other than the new
+//! leader must therefore be:
 //! - **stopped**: it answered "not running" at the new epoch or later, so it refuses every
 //!   older message, and no `leader` message at this epoch names it; or
 //! - **gone**: its pod no longer exists, and the kubelet stops containers before that; or
-//! - **timed out**: one term plus [`drift_margin_millis`] has passed since the operator last
-//!   heard from it, and since this operator started sending (`since`): messages an earlier
-//!   replica sent were all sent before that.
+//! - **timed out**: one term plus [`drift_margin_millis`] has passed since the receipt of the
+//!   nonce echoed by the latest `leader` message this operator sent it, and since this operator
+//!   started sending (`since`): messages an earlier replica sent were all sent before that.
+//!
+//! What a pod answers does not extend the wait: a pod that keeps answering "running", broken or
+//! lying, cannot hold back the group's new leader for longer than one term after its last grant.
 
 /// A margin for clock-rate drift between the operator and a pod, over one term: 1 % of the
 /// term plus 100 ms. Crystal clocks drift by well under 0.1 %; the rest covers a slewing NTP.
@@ -18,11 +22,15 @@ pub fn drift_margin_millis(term_millis: u64) -> u64 {
     term_millis / 100 + 100
 }
 
-/// What the operator knows of one pod's answers, on the operator's clock.
+/// What the operator knows of one pod's answers, and of the terms it granted the pod, on the
+/// operator's clock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Link {
     /// When the pod last answered anything (every answer carries a nonce).
     pub last_answer: Option<u64>,
+    /// When this operator received the nonce echoed by the latest `leader` message it sent the
+    /// pod: the term of every message it sent ends one term (plus drift) after this.
+    pub last_grant: Option<u64>,
     /// The highest epoch at which the pod answered that leader-only work is not running.
     pub stopped_at: Option<u64>,
     /// The highest epoch at which the pod answered that leader-only work is running.
@@ -41,11 +49,21 @@ impl Link {
         *slot = Some(slot.map_or(epoch, |seen| seen.max(epoch)));
     }
 
-    /// When, on the operator's clock, anything this pod may be running has surely stopped.
+    /// Records a `leader` message about to be sent, echoing a nonce received at
+    /// `nonce_received_at`. It must be recorded before the message can arrive: from then on the
+    /// pod may run on it.
+    pub fn granted(&mut self, nonce_received_at: u64) {
+        self.last_grant = Some(
+            self.last_grant
+                .map_or(nonce_received_at, |last| last.max(nonce_received_at)),
+        );
+    }
+
+    /// When, on the operator's clock, anything this pod may be running has surely stopped: its
+    /// answers say nothing here, since a term comes only from a grant, and grants by an earlier
+    /// replica were all made before `since`.
     pub fn timed_out_at(&self, since: u64, term_millis: u64) -> u64 {
-        self.last_answer.unwrap_or(since).max(since)
-            + term_millis
-            + drift_margin_millis(term_millis)
+        self.last_grant.unwrap_or(since).max(since) + term_millis + drift_margin_millis(term_millis)
     }
 }
 
@@ -73,8 +91,9 @@ pub enum Activation {
 /// `leader_link` is what the operator knows of the new leader itself: if it already answered
 /// that it runs at this epoch, an operator (this one or an earlier one) activated it, and
 /// telling it again only renews its term. Otherwise every pod in `others` must be stopped,
-/// gone or timed out, and so must every pod this operator does not know of: until one term
-/// after `since` nothing new is activated.
+/// gone or timed out (one term after its last grant, whatever it answers since), and so must
+/// every pod this operator does not know of: until one term after `since` nothing new is
+/// activated.
 pub fn decide<'a>(
     epoch: u64,
     leader_link: &Link,
@@ -139,6 +158,12 @@ mod tests {
         link
     }
 
+    /// `link` once a `leader` message echoing a nonce received at `at` was sent.
+    fn granted(mut link: Link, at: u64) -> Link {
+        link.granted(at);
+        link
+    }
+
     #[test]
     fn the_margin_is_stated() {
         assert_eq!(drift_margin_millis(TERM), MARGIN);
@@ -177,7 +202,7 @@ mod tests {
     fn the_old_leader_must_have_stopped_at_the_new_epoch() {
         let since = 0;
         let now = 2 * TERM;
-        let old_running = answered(now - 1, 5, true);
+        let old_running = granted(answered(now - 1, 5, true), now - 1);
         assert_eq!(
             decide(
                 6,
@@ -193,7 +218,7 @@ mod tests {
             }
         );
         // Stopped, but only at the old epoch: a delayed renewal at that epoch could restart it.
-        let stopped_before = answered(now - 1, 5, false);
+        let stopped_before = granted(answered(now - 1, 5, false), now - 1);
         assert_ne!(
             decide(
                 6,
@@ -205,7 +230,7 @@ mod tests {
             ),
             Activation::Now
         );
-        let stopped = answered(now - 1, 6, false);
+        let stopped = granted(answered(now - 1, 6, false), now - 1);
         assert_eq!(
             decide(
                 6,
@@ -222,7 +247,7 @@ mod tests {
     #[test]
     fn a_gone_or_silent_pod_stops_blocking() {
         let now = 2 * TERM;
-        let silent = answered(now - TERM, 5, true);
+        let silent = granted(answered(now - TERM, 5, true), now - TERM);
         let gone = Other {
             pod: "gone",
             gone: true,
@@ -250,5 +275,89 @@ mod tests {
             ),
             Activation::Now
         );
+    }
+
+    #[test]
+    fn a_pod_answering_running_for_ever_stops_blocking_one_term_after_its_last_grant() {
+        // The old leader's last grant echoed a nonce received at 1_000; since then it has been
+        // told `follower` and answers `running` to every message, up to the very last moment.
+        let grant = 1_000;
+        let done = grant + TERM + MARGIN;
+        let liar = |now: u64| {
+            let mut link = granted(answered(grant, 5, true), grant);
+            for at in (grant..=now).step_by(500) {
+                link.answered(at, 6, true);
+            }
+            link.answered(now, 6, true);
+            link
+        };
+        assert_eq!(
+            decide(
+                6,
+                &Link::default(),
+                [other("old", liar(done - 1))],
+                done - 1,
+                0,
+                TERM
+            ),
+            Activation::Wait {
+                until: done,
+                waiting_on: vec!["old".into()]
+            }
+        );
+        for now in [done, done + 1, 10 * TERM] {
+            assert_eq!(
+                decide(6, &Link::default(), [other("old", liar(now))], now, 0, TERM),
+                Activation::Now,
+                "at {now}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pod_granted_recently_still_blocks() {
+        let now = 5 * TERM;
+        // Answers long ago, but granted a moment ago: the echoed nonce is what its term runs
+        // from.
+        let link = granted(answered(now - 2 * TERM, 5, true), now - 1);
+        assert_eq!(
+            decide(6, &Link::default(), [other("old", link)], now, 0, TERM),
+            Activation::Wait {
+                until: now - 1 + TERM + MARGIN,
+                waiting_on: vec!["old".into()]
+            }
+        );
+        // A later grant echoing an older nonce does not shorten the wait.
+        let link = granted(link, now - TERM);
+        assert_eq!(link.last_grant, Some(now - 1));
+    }
+
+    #[test]
+    fn a_pod_never_granted_blocks_until_one_term_after_since() {
+        // Running on a grant by an earlier replica: made before this one started.
+        let since = 3 * TERM;
+        let link = answered(since + 10, 5, true);
+        let done = since + TERM + MARGIN;
+        assert_eq!(
+            decide(
+                6,
+                &Link::default(),
+                [other("old", link)],
+                done - 1,
+                since,
+                TERM
+            ),
+            Activation::Wait {
+                until: done,
+                waiting_on: vec!["old".into()]
+            }
+        );
+        assert_eq!(
+            decide(6, &Link::default(), [other("old", link)], done, since, TERM),
+            Activation::Now
+        );
+        // A grant older than `since` does not end the wait sooner: `since` still bounds the
+        // earlier replica's grants.
+        assert_eq!(granted(link, since - TERM).timed_out_at(since, TERM), done);
     }
 }

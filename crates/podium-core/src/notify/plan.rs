@@ -129,7 +129,7 @@ pub fn plan(view: &GroupView<'_>) -> Plan {
 }
 
 /// Whether a pod that is no longer a member can be forgotten: it is gone, or it has stopped at
-/// the current epoch, or whatever it ran has timed out.
+/// the current epoch, or whatever it ran has timed out (one term after its last grant).
 pub fn forgettable(pod: &PodView<'_>, epoch: u64, now: u64, since: u64, term_millis: u64) -> bool {
     pod.gone
         || pod.link.stopped_at.is_some_and(|stopped| stopped >= epoch)
@@ -275,7 +275,11 @@ mod tests {
     fn a_former_member_is_kept_until_it_cannot_be_running() {
         let mut left = pod("left");
         left.link.answered(1_000, 1, true);
+        left.link.granted(1_000);
         assert!(!forgettable(&left, 2, 1_001, 0, TERM));
+        // Still answering `running` does not keep it: its term ran from the last grant.
+        left.link.answered(1_000 + TERM, 1, true);
+        assert!(!forgettable(&left, 2, 1_000 + TERM + 189, 0, TERM));
         assert!(forgettable(&left, 2, 1_000 + TERM + 190, 0, TERM));
         left.link.answered(1_100, 2, false);
         assert!(forgettable(&left, 2, 1_101, 0, TERM));

@@ -152,7 +152,9 @@ struct PodState {
     link: Link,
     /// What this replica heard from the pod, to judge whether it stalls the group.
     heard: Heard,
-    nonce: Option<String>,
+    /// The pod's latest nonce and when it arrived: a `leader` message echoing it grants a term
+    /// that ends one term after that ([`Link::granted`]).
+    nonce: Option<(String, u64)>,
     delivered: Option<Delivered>,
     busy: bool,
     failures: u32,
@@ -369,7 +371,7 @@ impl Task {
                     },
                     granted,
                 );
-                pod.nonce = Some(ack.nonce);
+                pod.nonce = Some((ack.nonce, now));
                 if ack.accepted {
                     self.metrics.notify_sent("accepted", answer.took);
                     pod.failures = 0;
@@ -516,6 +518,11 @@ impl Task {
                 .or_default();
             held.all += 1;
             held.long += usize::from(long);
+            if role == NotifyRole::Leader
+                && let Some((_, received)) = &pod.nonce
+            {
+                pod.link.granted(*received);
+            }
             let message = RoleMessage {
                 group: format!("{}/{}", key.0, key.1),
                 pod: name.clone(),
@@ -524,7 +531,7 @@ impl Task {
                 leader: group.leader.as_ref().map(|h| h.name.clone()),
                 epoch: group.epoch,
                 term_millis: group.term_millis,
-                nonce: pod.nonce.clone(),
+                nonce: pod.nonce.as_ref().map(|(nonce, _)| nonce.clone()),
             };
             let url = format!(
                 "http://{}:{}{}",
