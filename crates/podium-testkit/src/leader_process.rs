@@ -137,6 +137,17 @@ impl ProcessPods {
         ))
     }
 
+    /// A genuine token for pod `name`, as the operator mints one: what only a holder of the
+    /// operator's own credentials can get.
+    pub async fn operator_token(&self, name: &str) -> Result<String> {
+        let pod = self
+            .pods
+            .get(name)
+            .with_context(|| format!("no pod {name}"))?;
+        let audience = podium_core::notify::audience(&self.namespace, &self.group, &pod.uid);
+        crate::token_holder::mint(&self.client, &self.namespace, OPERATOR_ACCOUNT, &audience).await
+    }
+
     /// The token subject `podium exec` expects.
     pub fn operator_subject(&self) -> String {
         format!(

@@ -25,6 +25,7 @@ pub mod observe;
 pub mod pod;
 pub mod prometheus;
 pub mod testbed;
+pub mod token_holder;
 pub mod wait;
 
 /// The repository's top directory, for tests that read the chart, the CRD or the scripts.

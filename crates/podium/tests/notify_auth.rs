@@ -4,58 +4,23 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::Api;
 use podium_core::notify::{AUDIENCE_PREFIX, audience};
 use podium_testkit::testbed::Testbed;
+use podium_testkit::token_holder;
 use serde_json::{Value, json};
 
-async fn create<K>(api: &Api<K>, object: &K)
-where
-    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.create(&PostParams::default(), object).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(e) => panic!("creating {object:?}: {e}"),
-    }
-}
-
 async fn service_account(client: &kube::Client, ns: &str, name: &str) {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some(ns.into()),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    };
-    create(&namespaces, &namespace).await;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let account = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..ObjectMeta::default()
-        },
-        ..ServiceAccount::default()
-    };
-    create(&accounts, &account).await;
+    token_holder::ensure_service_account(client, ns, name)
+        .await
+        .expect("the ServiceAccount");
 }
 
 async fn token(client: &kube::Client, ns: &str, name: &str, audience: &str) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let request = json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [audience], "expirationSeconds": 600},
-    });
-    let answer: TokenRequest = accounts
-        .create_subresource("token", name, &PostParams::default(), &request)
+    token_holder::mint(client, ns, name, audience)
         .await
-        .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{name}: {e}"));
-    let token = answer.status.and_then(|status| status.token);
-    token.expect("a token")
+        .expect("a token")
 }
 
 /// GET /openid/v1/jwks with `client`: the HTTP status.

@@ -167,22 +167,6 @@ fn group(name: &str, app: &str, port: u16) -> podium::crd::ElectionGroup {
     .unwrap()
 }
 
-/// A token the operator's ServiceAccount could send pod `uid` of group `ns/group`: `/role`
-/// shows the term only to such a token.
-async fn token_for(client: &kube::Client, ns: &str, group: &str, uid: &str) -> String {
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(client.clone(), ns);
-    let request = serde_json::json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [podium_core::notify::audience(ns, group, uid)], "expirationSeconds": 600},
-    });
-    let granted: k8s_openapi::api::authentication::v1::TokenRequest = accounts
-        .create_subresource("token", OPERATOR_ACCOUNT, &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest");
-    granted.status.and_then(|s| s.token).expect("a token")
-}
-
 /// `podium exec`'s full `/role` view: `role`, `running`, `termRemainingMillis`, ...
 async fn role_view(ip: &str, token: &str) -> Option<Value> {
     let read = async {
@@ -261,7 +245,8 @@ async fn pods_that_never_answer_do_not_starve_another_namespace() {
     )
     .await;
     let leader_ip = work.pods[&leader.pod].ip.clone();
-    let token = token_for(&client, &ns_b, "work", &work.pods[&leader.pod].uid).await;
+    // `/role` shows the term only to a token minted for that pod.
+    let token = work.operator_token(&leader.pod).await.expect("a token");
     println!("B's leader {} runs (epoch {})", leader.pod, leader.epoch);
 
     // The flood: A's groups elect leaders and tell all 300 pods their roles; none answers.

@@ -18,9 +18,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use podium::crd::ElectionGroup;
 use podium::operator::{Operator, OperatorConfig};
-use podium_core::notify::audience;
 use podium_testkit::leader_process::{OPERATOR_ACCOUNT, ProcessPods, Work};
 use podium_testkit::testbed::Testbed;
+use podium_testkit::token_holder;
 use podium_testkit::wait::wait_for;
 use serde_json::{Value, json};
 
@@ -176,37 +176,9 @@ async fn lease_epoch(client: &kube::Client, ns: &str) -> Option<u64> {
 
 /// POSTs `body` to `url` with `token`, as a holder of the operator's credentials could.
 async fn send(url: &str, token: &str, body: &Value) -> (u16, String) {
-    let (url, token, body) = (url.to_string(), token.to_string(), body.to_string());
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let rest = url.strip_prefix("http://").unwrap();
-        let (host, path) = rest.split_once('/').unwrap();
-        let mut stream = std::net::TcpStream::connect(host).expect("connect to the pod");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        write!(
-            stream,
-            "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
-             Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let answer = response
-            .split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, b)| b.to_string());
-        (status, answer)
-    })
-    .await
-    .unwrap()
+    token_holder::post(url, token, &body.to_string())
+        .await
+        .expect("reach the pod's exec")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,17 +203,7 @@ async fn a_leader_wedged_at_a_higher_epoch_is_named_until_its_pod_is_deleted() {
     // epoch 1000 with a genuine token for that pod alone.
     let leader = first.pod.clone();
     let uid = pods.pods[&leader].uid.clone();
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(client.clone(), &ns);
-    let request = json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [audience(&ns, "web", &uid)], "expirationSeconds": 600},
-    });
-    let granted: k8s_openapi::api::authentication::v1::TokenRequest = accounts
-        .create_subresource("token", OPERATOR_ACCOUNT, &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest");
-    let token = granted.status.unwrap().token.expect("a token");
+    let token = pods.operator_token(&leader).await.expect("a token");
     let message = json!({
         "group": format!("{ns}/web"), "pod": leader, "podUid": uid, "role": "follower",
         "leader": leader, "epoch": 1000, "termMillis": TTL_SECONDS * 1000,

@@ -29,6 +29,7 @@ use podium_core::notify::audience;
 use podium_testkit::leader_process::{NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods, Work};
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{bind_pod, create_node, set_pod_running_ready};
+use podium_testkit::token_holder;
 use podium_testkit::wait::wait_for;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -161,40 +162,9 @@ fn audiences(token: &str) -> Vec<String> {
 
 /// POSTs `body` to a victim pod's exec with `token`: (status, answer).
 async fn send(url: &str, token: &str, body: &Value) -> (u16, String) {
-    let url = url.to_string();
-    let request = format!("Bearer {token}");
-    let body = body.to_string();
-    tokio::task::spawn_blocking(move || {
-        let rest = url.strip_prefix("http://").unwrap();
-        let (host, path) = rest.split_once('/').unwrap();
-        let mut stream = std::net::TcpStream::connect(host).expect("connect to the victim");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        use std::io::{Read, Write};
-        write!(
-            stream,
-            "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
-             Authorization: {request}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let answer = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, answer)
-    })
-    .await
-    .unwrap()
+    token_holder::post(url, token, &body.to_string())
+        .await
+        .expect("reach the victim's exec")
 }
 
 async fn epoch(client: &kube::Client, ns: &str, group: &str) -> u64 {
@@ -378,17 +348,7 @@ async fn captured_tokens_forge_and_wedge_nothing_in_another_group() {
 
     // Control: the same forged pending message with a token minted for the follower itself,
     // which only a holder of the operator's own credentials can get, is taken.
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(client.clone(), &victim_ns);
-    let request = json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [audience(&victim_ns, "web", &uid(&follower))], "expirationSeconds": 600},
-    });
-    let granted: k8s_openapi::api::authentication::v1::TokenRequest = accounts
-        .create_subresource("token", OPERATOR_ACCOUNT, &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest");
-    let own = granted.status.unwrap().token.unwrap();
+    let own = pods.operator_token(&follower).await.expect("a token");
     let (status, answer) = send(
         &pods.url(&follower).unwrap(),
         &own,
