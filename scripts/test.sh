@@ -22,6 +22,18 @@ cargo fmt --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+step "workflows match GitHub's schema; the krew manifest template renders to what krew requires"
+# check-jsonschema's built-in copy of the workflow schema: offline once installed
+# (scripts/install-schema-check.sh, which install-deps.sh ran above; a no-op when cached).
+schema_venv=$(scripts/install-schema-check.sh)
+"$schema_venv/bin/check-jsonschema" --builtin-schema vendor.github-workflows .github/workflows/*.yml
+krew_tmp=$(mktemp -d)
+trap 'rm -rf "$krew_tmp"' EXIT
+chart_version=$(sed -n 's/^version:[[:space:]]*//p' charts/podium/Chart.yaml)
+python3 scripts/krew-manifest.py render --version "$chart_version" --repo podium-dev/podium \
+  --placeholder-sums -o "$krew_tmp/plugins/podium.yaml"
+"$schema_venv/bin/python" scripts/krew-manifest.py check "$krew_tmp/plugins/podium.yaml" --version "$chart_version"
+
 step "podium crd matches crds/electiongroup.yaml"
 cargo run --locked --quiet -p podium -- crd | diff -u crds/electiongroup.yaml - \
   || { echo "crds/electiongroup.yaml is stale: run 'cargo run -p podium -- crd > crds/electiongroup.yaml'" >&2; exit 1; }
