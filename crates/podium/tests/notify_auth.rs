@@ -287,6 +287,14 @@ async fn the_real_exec_takes_only_the_operators_tokens() {
             with(|m| m["termMillis"] = json!(3_600_001)),
             400,
         ),
+        ("a negative epoch", with(|m| m["epoch"] = json!(-1)), 400),
+        (
+            "a negative term",
+            with(|m| m["termMillis"] = json!(-1)),
+            400,
+        ),
+        ("an epoch past u64", with(|m| m["epoch"] = json!(1e30)), 400),
+        ("an unknown role", with(|m| m["role"] = json!("king")), 400),
     ] {
         let (status, answer) = send(Some(good.clone()), body).await.unwrap();
         println!("{what}: {status} {answer}");
