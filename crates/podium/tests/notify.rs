@@ -4,15 +4,17 @@
 //! commands log their starts and stops; no two may overlap through delete and NotReady
 //! failovers, a frozen leader, and an operator restart.
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use podium::operator::{Operator, OperatorConfig};
-use podium_testkit::leader_process::{OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, unix_nanos};
+use podium_testkit::leader_process::{
+    NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods, Work, overlaps, unix_nanos,
+};
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::set_pod_not_ready;
 use podium_testkit::wait::wait_for;
-use serde_json::json;
 
 const TTL_SECONDS: u64 = 4;
 
@@ -55,35 +57,11 @@ async fn leader_only_processes_never_overlap() {
     let ns = testbed.create_namespace("notify").await.expect("namespace");
     let client = testbed.client();
     let dir = tempfile::tempdir().unwrap();
-    let mut pods = ProcessPods::new(
-        &client,
-        &ns,
-        "web",
-        Path::new(env!("CARGO_BIN_EXE_podium")),
-        testbed.kubeconfig_path(),
-        dir.path(),
-    )
-    .await
-    .expect("process pods");
-    for i in 0..3 {
-        pods.start(&format!("web-{i}"), "web")
-            .await
-            .expect("start pod");
-    }
+    let mut pods = common::exec_pods(&ns, "web", 3, dir.path()).await;
     let mut operator = start_operator(client.clone(), &ns).await;
     let started = Instant::now();
     let groups: kube::Api<podium::crd::ElectionGroup> = kube::Api::namespaced(client.clone(), &ns);
-    let group = serde_json::from_value(json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": "web" },
-        "spec": {
-            "selector": { "matchLabels": { "app": "web" } },
-            "leaseDurationSeconds": TTL_SECONDS,
-            "notify": { "port": 8787 },
-        },
-    }))
-    .unwrap();
+    let group = common::notify_group("web", "web", TTL_SECONDS, NOTIFY_PORT);
     groups
         .create(&Default::default(), &group)
         .await

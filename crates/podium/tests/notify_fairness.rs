@@ -9,8 +9,9 @@
 //!
 //! Its own test binary: the operator watches every namespace of this binary's testbed.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use podium::operator::{Operator, OperatorConfig};
 use podium_core::notify::fair::Caps;
-use podium_testkit::leader_process::{NOTIFY_PORT, OPERATOR_ACCOUNT, ProcessPods};
+use podium_testkit::leader_process::{NOTIFY_PORT, OPERATOR_ACCOUNT};
 use podium_testkit::testbed::Testbed;
 use podium_testkit::testbed::kubelet::{bind_pod, create_node, set_pod_running_ready};
 use podium_testkit::wait::wait_for;
@@ -154,17 +155,7 @@ async fn hanging_pods(client: &kube::Client, ns: &str, ips: &[String]) {
 }
 
 fn group(name: &str, app: &str, port: u16) -> podium::crd::ElectionGroup {
-    serde_json::from_value(json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": name },
-        "spec": {
-            "selector": { "matchLabels": { "app": app } },
-            "leaseDurationSeconds": TTL_SECONDS,
-            "notify": { "port": port },
-        },
-    }))
-    .unwrap()
+    common::notify_group(name, app, TTL_SECONDS, port)
 }
 
 /// `podium exec`'s full `/role` view: `role`, `running`, `termRemainingMillis`, ...
@@ -198,21 +189,7 @@ async fn pods_that_never_answer_do_not_starve_another_namespace() {
     let ns_b = testbed.create_namespace("fair-b").await.expect("namespace");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut work = ProcessPods::new(
-        &client,
-        &ns_b,
-        "work",
-        Path::new(env!("CARGO_BIN_EXE_podium")),
-        testbed.kubeconfig_path(),
-        dir.path(),
-    )
-    .await
-    .expect("process pods");
-    for i in 0..3 {
-        work.start(&format!("work-{i}"), "work")
-            .await
-            .expect("start pod");
-    }
+    let work = common::exec_pods(&ns_b, "work", 3, dir.path()).await;
     let setup = Instant::now();
     let hanging = Hanging::start(HANGING_PODS).await;
     hanging_pods(&client, &ns_a, &hanging.ips).await;

@@ -10,6 +10,8 @@
 //! - the group is deleted and created again under the same name after failovers raised its
 //!   epoch, while its pods run on: the new Lease counts from the start.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -41,17 +43,7 @@ async fn start_operator(client: kube::Client, ns: &str) -> Operator {
 }
 
 fn group() -> ElectionGroup {
-    serde_json::from_value(json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": "web" },
-        "spec": {
-            "selector": { "matchLabels": { "app": "web" } },
-            "leaseDurationSeconds": TTL_SECONDS,
-            "notify": { "port": 8787 },
-        },
-    }))
-    .unwrap()
+    common::notify_group("web", "web", TTL_SECONDS, 8787)
 }
 
 /// Pods `web-0`..`web-{n-1}` running `podium exec`, the operator, and the group.
@@ -60,21 +52,7 @@ async fn setup(name: &str, n: usize, dir: &Path) -> (String, ProcessPods, Operat
     testbed.install_crd().await.expect("install CRD");
     let ns = testbed.create_namespace(name).await.expect("namespace");
     let client = testbed.client();
-    let mut pods = ProcessPods::new(
-        &client,
-        &ns,
-        "web",
-        Path::new(env!("CARGO_BIN_EXE_podium")),
-        testbed.kubeconfig_path(),
-        dir,
-    )
-    .await
-    .expect("process pods");
-    for i in 0..n {
-        pods.start(&format!("web-{i}"), "web")
-            .await
-            .expect("start pod");
-    }
+    let pods = common::exec_pods(&ns, "web", n, dir).await;
     let operator = start_operator(client.clone(), &ns).await;
     let groups: Api<ElectionGroup> = Api::namespaced(client, &ns);
     groups

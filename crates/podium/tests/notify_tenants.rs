@@ -14,9 +14,10 @@
 //! with a token minted for the victim pod itself (what only a holder of the operator's own
 //! credentials can get) is taken, so the harness can see an attack that works.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,17 +178,7 @@ async fn epoch(client: &kube::Client, ns: &str, group: &str) -> u64 {
 }
 
 fn group(name: &str, app: &str) -> podium::crd::ElectionGroup {
-    serde_json::from_value(json!({
-        "apiVersion": "podium.dev/v1alpha1",
-        "kind": "ElectionGroup",
-        "metadata": { "name": name },
-        "spec": {
-            "selector": { "matchLabels": { "app": app } },
-            "leaseDurationSeconds": TTL_SECONDS,
-            "notify": { "port": NOTIFY_PORT },
-        },
-    }))
-    .unwrap()
+    common::notify_group(name, app, TTL_SECONDS, NOTIFY_PORT)
 }
 
 fn runs(pods: &ProcessPods) -> Vec<Work> {
@@ -203,19 +194,7 @@ async fn captured_tokens_forge_and_wedge_nothing_in_another_group() {
     let victim_ns = testbed.create_namespace("victim").await.expect("namespace");
     let tenant_ns = testbed.create_namespace("tenant").await.expect("namespace");
     let dir = tempfile::tempdir().unwrap();
-    let mut pods = ProcessPods::new(
-        &client,
-        &victim_ns,
-        "web",
-        Path::new(env!("CARGO_BIN_EXE_podium")),
-        testbed.kubeconfig_path(),
-        dir.path(),
-    )
-    .await
-    .expect("process pods");
-    for i in 0..3 {
-        pods.start(&format!("web-{i}"), "web").await.expect("pod");
-    }
+    let mut pods = common::exec_pods(&victim_ns, "web", 3, dir.path()).await;
     // The tenants' pods: the same pod and group names in another namespace, and another group
     // in the victim's namespace. Outside ProcessPods' loopback subnets (127.100-249.x.x).
     let host = std::process::id() % 200 + 1;

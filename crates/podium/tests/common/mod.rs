@@ -124,3 +124,50 @@ async fn synced(operator: Operator) -> Operator {
     .await;
     operator
 }
+
+/// Pods `<app>-0`..`<app>-{count-1}` in `ns`, labelled `app=<app>`, each running this build's
+/// real `podium exec` on a loopback IP of its own (logs under `dir`).
+pub async fn exec_pods(
+    ns: &str,
+    app: &str,
+    count: usize,
+    dir: &std::path::Path,
+) -> podium_testkit::leader_process::ProcessPods {
+    let testbed = podium_testkit::testbed::Testbed::shared();
+    let mut pods = podium_testkit::leader_process::ProcessPods::new(
+        &testbed.client(),
+        ns,
+        app,
+        std::path::Path::new(env!("CARGO_BIN_EXE_podium")),
+        testbed.kubeconfig_path(),
+        dir,
+    )
+    .await
+    .expect("process pods");
+    for i in 0..count {
+        pods.start(&format!("{app}-{i}"), app)
+            .await
+            .expect("start pod");
+    }
+    pods
+}
+
+/// ElectionGroup `name` selecting `app=<app>`, with `spec.notify` on `port`.
+pub fn notify_group(
+    name: &str,
+    app: &str,
+    ttl_seconds: u64,
+    port: u16,
+) -> podium::crd::ElectionGroup {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "podium.dev/v1alpha1",
+        "kind": "ElectionGroup",
+        "metadata": { "name": name },
+        "spec": {
+            "selector": { "matchLabels": { "app": app } },
+            "leaseDurationSeconds": ttl_seconds,
+            "notify": { "port": port },
+        },
+    }))
+    .expect("a valid ElectionGroup")
+}
